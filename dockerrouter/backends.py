@@ -1,0 +1,219 @@
+"""
+From a client's identity to the daemon it may reach, and every reason that
+daemon can't be used.
+
+This module knows users, paths and the rule of the security boundary; it knows
+nothing of transports or protocols.
+"""
+
+import errno
+import os
+import pwd
+import stat
+from typing import Callable, ClassVar
+
+from attrs import frozen
+from twisted.internet import error
+
+from dockerrouter.credentials import Credentials
+
+DEFAULT_TEMPLATE = "/run/user/{uid}/docker.sock"
+
+
+@frozen
+class Backend:
+    """
+    Where one client's connection goes, and who must be listening there.
+
+    @ivar uid: the uid the daemon at C{path} must run as.
+    @ivar user: the name of that uid, or the uid as text when the user
+        database has none (the connection still routes by number).
+    """
+
+    path: str
+    uid: int
+    user: str
+
+
+def userName(uid: int) -> str:
+    """
+    The name of C{uid} from the system user database (NSS, so LDAP and SSSD
+    users have one too), or the number as text.
+    """
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class BackendResolver:
+    """
+    Fills the socket path template for a client.
+    """
+
+    def __init__(
+        self, template: str, lookupName: Callable[[int], str] = userName
+    ) -> None:
+        self.template = template
+        self._lookupName = lookupName
+
+    def resolve(self, client: Credentials) -> Backend:
+        user = self._lookupName(client.uid)
+        return Backend(
+            path=self.template.format(uid=client.uid, user=user),
+            uid=client.uid,
+            user=user,
+        )
+
+
+class BackendUnusable(Exception):
+    """
+    Why a client can't be connected to its daemon: a cause for the log, an
+    HTTP status and one actionable sentence for the client's docker CLI.
+    """
+
+    cause: ClassVar[str] = "unusable"
+    status: ClassVar[int] = 502
+    template: ClassVar[str] = (
+        "docker-router cannot use {path} for user {user} (uid {uid}): "
+        "{detail}."
+    )
+
+    def __init__(self, backend: Backend, detail: str = "") -> None:
+        super().__init__(backend, detail)
+        self.backend = backend
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        return self.template.format(
+            path=self.backend.path,
+            user=self.backend.user,
+            uid=self.backend.uid,
+            detail=self.detail,
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoDaemon(BackendUnusable):
+    cause = "missing"
+    status = 503
+    template = (
+        "No Docker daemon is running for user {user} (uid {uid}): there is "
+        "nothing at {path}; start your rootless daemon with "
+        "`systemctl --user start docker` (set it up once with "
+        "`dockerd-rootless-setuptool.sh install --force`) and run "
+        "`loginctl enable-linger {user}` to keep it running after you log out."
+    )
+
+
+class DaemonRefuses(BackendUnusable):
+    cause = "refused"
+    status = 503
+    template = (
+        "The Docker daemon socket of user {user} (uid {uid}) at {path} "
+        "refuses connections: the daemon has stopped and left a stale "
+        "socket; restart it with `systemctl --user restart docker`."
+    )
+
+
+class NotASocket(BackendUnusable):
+    cause = "not-a-socket"
+    template = (
+        "{path}, where the Docker daemon of user {user} (uid {uid}) should "
+        "listen, is not a socket; remove it and start your rootless daemon "
+        "with `systemctl --user start docker`."
+    )
+
+
+class WrongOwner(BackendUnusable):
+    cause = "wrong-owner"
+    status = 403
+    template = (
+        "The daemon at {path} runs as uid {detail}, not as user {user} "
+        "(uid {uid}), so docker-router refuses to connect you to it for "
+        "safety; point {path} at your own rootless Docker daemon."
+    )
+
+
+class RouterLoop(BackendUnusable):
+    cause = "loop"
+    status = 403
+    template = (
+        "{path} leads back to docker-router itself, not to a Docker daemon "
+        "of user {user} (uid {uid}); point it at your own rootless daemon "
+        "(`systemctl --user start docker`)."
+    )
+
+
+class ConnectTimeout(BackendUnusable):
+    cause = "timeout"
+    status = 504
+    template = (
+        "The Docker daemon of user {user} (uid {uid}) at {path} did not "
+        "accept the connection within {detail} seconds; it may be hung or "
+        "overloaded: check it with `systemctl --user status docker`."
+    )
+
+
+class PermissionDenied(BackendUnusable):
+    cause = "permission"
+    template = (
+        "docker-router was denied permission to connect to {path} for user "
+        "{user} (uid {uid}); make sure the socket and the directories above "
+        "it are reachable ({detail})."
+    )
+
+
+def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
+    """
+    The security boundary: the process listening at the other end of the
+    backend connection must run as the uid the client may reach.  This looks
+    at the daemon actually connected, so symlinks and races on the path can't
+    smuggle a client to anyone else's daemon (or back to the router, where the
+    inner hop would arrive as root).
+
+    @raise BackendUnusable: when the daemon must not be used.
+    """
+    if daemon.pid == routerPid:
+        raise RouterLoop(backend)
+    if daemon.uid != backend.uid:
+        raise WrongOwner(backend, str(daemon.uid))
+
+
+def explainConnectFailure(
+    backend: Backend, reason: BaseException, timeout: float
+) -> BackendUnusable:
+    """
+    Turn a failed connect into the reason the user should read.
+    """
+    if isinstance(reason, BackendUnusable):
+        return reason
+    if isinstance(reason, (error.TimeoutError, error.ConnectingCancelledError)):
+        return ConnectTimeout(backend, f"{timeout:g}")
+    number = getattr(reason, "osError", None)
+    if number is None and isinstance(reason, OSError):
+        number = reason.errno
+    if number == errno.ENOENT:
+        return NoDaemon(backend)
+    if number == errno.ECONNREFUSED:
+        # connect() says "refused" for any non-socket file as well.
+        if _isNonSocket(backend.path):
+            return NotASocket(backend)
+        return DaemonRefuses(backend)
+    if number in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(backend, os.strerror(number))
+    if number in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+        return BackendUnusable(backend, os.strerror(number))
+    return BackendUnusable(backend, str(reason) or type(reason).__name__)
+
+
+def _isNonSocket(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISSOCK(mode)
+

@@ -1,0 +1,187 @@
+"""
+The command line of C{twistd docker-router}, and the services it makes.
+
+Nothing else in the package knows about argv.
+"""
+
+import os
+from typing import Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
+
+from dockerrouter.backends import DEFAULT_TEMPLATE, BackendResolver
+from dockerrouter.logging import RouterLogger
+from dockerrouter.relay import RouterFactory
+
+DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
+
+# Twisted's default Unix listen backlog is 50: a burst of docker CLIs (each a
+# non-blocking connect) would see EAGAIN.  The kernel caps it at somaxconn.
+DEFAULT_BACKLOG = 4096
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+def withBacklog(description: str) -> str:
+    """A Unix listen endpoint that names no backlog gets L{DEFAULT_BACKLOG}."""
+    if description.startswith("unix:") and ":backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Listen on the Docker socket path and relay each client to its own "
+        "user's rootless Docker daemon, after checking that the daemon runs "
+        "as that user."
+    )
+
+    optParameters = [
+        [
+            "user-socket",
+            None,
+            DEFAULT_TEMPLATE,
+            "Path of each user's daemon socket; {uid} and {user} are filled in.",
+        ],
+        [
+            "connect-timeout",
+            None,
+            5.0,
+            "Seconds to wait for a user's daemon to accept.",
+            _positive,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            10.0,
+            "Seconds live relays may finish after SIGTERM before they are cut.",
+            _positive,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Twisted server endpoint string to listen on (repeatable).
+        [default: unix:/var/run/docker.sock:mode=666:lockfile=1]
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            _checkListen(description)
+        _checkTemplate(self["user-socket"])
+
+
+def _checkListen(description: str) -> None:
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}")
+    if description.startswith("unix:"):
+        path = description[len("unix:") :].split(":", 1)[0]
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise usage.UsageError(
+                f"cannot listen on {path}: directory {directory} does not exist"
+            )
+
+
+def _checkTemplate(template: str) -> None:
+    try:
+        path = template.format(uid=0, user="root")
+    except (KeyError, IndexError, ValueError) as e:
+        raise usage.UsageError(
+            f"bad --user-socket {template!r}: only {{uid}} and {{user}} can be "
+            f"filled in ({e!r})"
+        )
+    if not os.path.isabs(path):
+        raise usage.UsageError(f"--user-socket must be an absolute path: {template!r}")
+
+
+class _ListeningService(StreamServerEndpointService):
+    """
+    Listens on one endpoint.  Failing to listen stops twistd with one line
+    (and a non-zero status) instead of a traceback.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, reactor, factory: RouterFactory) -> None:
+        super().__init__(serverFromString(reactor, withBacklog(description)), factory)
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError
+            if reason == "Cannot acquire lock":
+                reason = "another docker-router is already listening there"
+            raise SystemExit(f"docker-router: cannot listen on {self.description}: {reason}")
+        except Exception as e:
+            raise SystemExit(f"docker-router: cannot listen on {self.description}: {e}")
+
+
+class _DrainService(Service):
+    """
+    On shutdown, lets live relays finish for a while, then cuts the rest.
+    (The listening services stop accepting at the same time.)
+    """
+
+    log = RouterLogger()
+
+    def __init__(self, factory: RouterFactory, timeout: float) -> None:
+        self.factory = factory
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        live = len(self.factory.relays)
+        if live:
+            self.log.info(
+                "shutting down: letting {live} live connections finish "
+                "for up to {timeout}s",
+                live=live,
+                timeout=self.timeout,
+            )
+        return self.factory.drain(self.timeout).addCallback(self._summarize)
+
+    def _summarize(self, counts: tuple) -> None:
+        finished, aborted = counts
+        self.log.info(
+            "shutdown: {finished} connections finished, {aborted} aborted",
+            finished=finished,
+            aborted=aborted,
+        )
+
+
+def makeService(options: Options, reactor: Optional[object] = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    factory = RouterFactory(
+        reactor,
+        BackendResolver(options["user-socket"]),
+        connectTimeout=options["connect-timeout"],
+    )
+    top = MultiService()
+    _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
+    for description in options["listen"]:
+        _ListeningService(description, reactor, factory).setServiceParent(top)
+    return top

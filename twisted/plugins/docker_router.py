@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+dockerRouter = ServiceMaker(
+    "docker-router",
+    "dockerrouter.tap",
+    "Route /var/run/docker.sock to each user's own rootless Docker daemon.",
+    "docker-router",
+)
