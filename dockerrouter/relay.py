@@ -118,6 +118,7 @@ class ServerProtocol(_RelayHalf):
     ended = "closed"
     _connecting: Optional[Deferred] = None
     _responder: Optional[ErrorResponder] = None
+    _clientGone = False
     _openSides = 1
 
     def connectionMade(self) -> None:
@@ -139,7 +140,7 @@ class ServerProtocol(_RelayHalf):
         self._openSides += 1
         try:
             daemon = peerCredentials(backendProtocol.transport.getHandle())
-            verifyDaemon(self.backend, daemon, os.getpid())
+            verifyDaemon(self.backend, daemon, self.factory.routerPid())
         except BackendUnusable as reason:
             backendProtocol.transport.abortConnection()
             self._reject(reason)
@@ -155,7 +156,7 @@ class ServerProtocol(_RelayHalf):
 
     def _backendFailed(self, reason: Failure) -> None:
         self._connecting = None
-        if reason.check(error.ConnectingCancelledError) and self.transport.disconnected:
+        if self._clientGone:
             return  # the client left (or shutdown aborted it) while we waited
         self._reject(
             explainConnectFailure(self.backend, reason.value, self.factory.connectTimeout)
@@ -172,7 +173,7 @@ class ServerProtocol(_RelayHalf):
             cause=reason.cause,
             message=reason.message,
         )
-        if self.transport.disconnected:
+        if self._clientGone:
             return
         self._responder = ErrorResponder(
             self.factory.reactor, self.transport, reason.status, reason.message
@@ -192,6 +193,7 @@ class ServerProtocol(_RelayHalf):
             super().readConnectionLost()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
+        self._clientGone = True
         if self._connecting is not None:
             self._connecting.cancel()
         if self._responder is not None:
@@ -238,6 +240,8 @@ class RouterFactory(Factory):
 
     noisy = False
     protocol = ServerProtocol
+    # Asked per connection, not remembered: twistd forks after makeService.
+    routerPid = staticmethod(os.getpid)
 
     def __init__(self, reactor, resolver: BackendResolver, connectTimeout: float) -> None:
         self.reactor = reactor

@@ -1,0 +1,196 @@
+"""
+The relay over real Unix sockets in this process: half-close each way and
+backpressure, which in-memory transports can't show.
+"""
+
+import hashlib
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from dockerrouter.backends import BackendResolver
+from dockerrouter.relay import RouterFactory
+
+
+@implementer(IHalfCloseableProtocol)
+class Peer(Protocol):
+    """Collects what it receives and notes each end it sees."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.readEnded: defer.Deferred = defer.Deferred()
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    readDone = writeDone = False
+
+    def readConnectionLost(self) -> None:
+        self.readDone = True
+        self.readEnded.callback(bytes(self.received))
+        self._closeWhenDone()
+
+    def writeConnectionLost(self) -> None:
+        self.writeDone = True
+        self._closeWhenDone()
+
+    def _closeWhenDone(self) -> None:
+        if self.readDone and self.writeDone:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+
+class AnswerAfterEOF(Peer):
+    """A daemon that reads its stdin to the end, then answers at length."""
+
+    answer = b"".join(b"%08d\n" % i for i in range(100_000))
+
+    def readConnectionLost(self) -> None:
+        self.readDone = True
+        self.readEnded.callback(bytes(self.received))
+        self.transport.write(b"%d\n" % len(self.received) + self.answer)
+        self.transport.loseConnection()
+
+
+@implementer(IPushProducer)
+class Firehose(Peer):
+    """A daemon that writes C{total} bytes as fast as its transport lets it."""
+
+    total = 32 * 1024 * 1024
+    chunk = os.urandom(64 * 1024)
+
+    def connectionMade(self) -> None:
+        self.sent = 0
+        self.paused = 0
+        self.digest = hashlib.sha256()
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+        self._producing = False
+
+    def resumeProducing(self) -> None:
+        self._producing = True
+        while self._producing and self.sent < self.total:
+            self.transport.write(self.chunk)
+            self.digest.update(self.chunk)
+            self.sent += len(self.chunk)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stopProducing(self) -> None:
+        self._producing = False
+
+
+def pollUntil(condition, timeout: float = 10.0) -> defer.Deferred:
+    """Fire once C{condition()} is true; fail after C{timeout} seconds."""
+
+    async def poll() -> None:
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"timed out waiting for {condition}")
+            await task.deferLater(reactor, 0.01)
+
+    return defer.ensureDeferred(poll())
+
+
+class RealSocketTests(TestCase):
+    timeout = 15
+
+    def startRouter(self, backendProtocol: type) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.backends: list[Peer] = []
+
+        def buildBackend() -> Peer:
+            backend = backendProtocol()
+            self.backends.append(backend)
+            return backend
+
+        backendFactory = Factory.forProtocol(buildBackend)
+        backendFactory.noisy = False
+        backendPort = reactor.listenUNIX(f"{directory}/{os.getuid()}.sock", backendFactory)
+        self.addCleanup(backendPort.stopListening)
+        self.router = RouterFactory(
+            reactor, BackendResolver(directory + "/{uid}.sock"), connectTimeout=5
+        )
+        # Backend and router share this process; only the uid is checked here.
+        self.router.routerPid = lambda: -1
+        self.routerPath = f"{directory}/router.sock"
+        routerPort = reactor.listenUNIX(self.routerPath, self.router)
+        self.addCleanup(routerPort.stopListening)
+
+    async def connectClient(self) -> Peer:
+        client = Peer()
+        await UNIXClientEndpoint(reactor, self.routerPath).connect(
+            Factory.forProtocol(lambda: client)
+        )
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        return client
+
+    @defer.inlineCallbacks
+    def test_clientHalfClose(self):
+        """
+        The client's end of stdin reaches the daemon as EOF, and the daemon's
+        answer still comes back whole.
+        """
+        self.startRouter(AnswerAfterEOF)
+        client = yield defer.ensureDeferred(self.connectClient())
+        client.transport.write(b"abc\n")
+        client.transport.loseWriteConnection()
+        yield client.lost
+        self.assertEqual(bytes(client.received), b"4\n" + AnswerAfterEOF.answer)
+
+    @defer.inlineCallbacks
+    def test_daemonHalfClose(self):
+        """
+        The daemon's EOF reaches the client, which can still send.
+        """
+        self.startRouter(Peer)
+        client = yield defer.ensureDeferred(self.connectClient())
+        yield pollUntil(lambda: self.backends)
+        [backend] = self.backends
+        backend.transport.write(b"hello")
+        backend.transport.loseWriteConnection()
+        self.assertEqual((yield client.readEnded), b"hello")
+        client.transport.write(b"still talking")
+        client.transport.loseWriteConnection()
+        self.assertEqual((yield backend.readEnded), b"still talking")
+        yield client.lost
+        yield pollUntil(lambda: not self.router.relays)
+
+    @defer.inlineCallbacks
+    def test_slowReaderPausesTheDaemon(self):
+        """
+        A client that stops reading pauses the daemon's side instead of
+        letting the router buffer the stream; every byte arrives once it reads.
+        """
+        self.startRouter(Firehose)
+        client = yield defer.ensureDeferred(self.connectClient())
+        client.transport.pauseProducing()
+        yield pollUntil(lambda: self.backends and self.backends[0].paused)
+        [backend] = self.backends
+        [relay] = self.router.relays
+        sentWhenPaused = backend.sent
+        # The router's write buffer towards the client filled, so it paused
+        # reading from the daemon.
+        yield pollUntil(lambda: relay.transport.producerPaused)
+        for transport in (relay.transport, relay.peer.transport):
+            buffered = len(transport.dataBuffer) + transport._tempDataLen
+            self.assertLess(buffered, 2 * 1024 * 1024)
+        self.assertLess(sentWhenPaused, Firehose.total)
+        client.transport.resumeProducing()
+        yield client.readEnded
+        self.assertEqual(len(client.received), Firehose.total)
+        self.assertEqual(hashlib.sha256(client.received).hexdigest(), backend.digest.hexdigest())
