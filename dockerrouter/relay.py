@@ -5,10 +5,11 @@ between them.
 The L{ServerProtocol} owns the connection from start to end: it reads the
 client's credentials, holds the client's bytes in the kernel until there is
 somewhere to send them, connects a L{ClientProtocol} to the backend, verifies
-the daemon it reached, and only then pairs the two halves.  When the backend
-can't be used, an L{ErrorResponder} answers instead.  Where the backend is and
-what makes it acceptable is the factory's resolver's and C{verifyDaemon}'s
-business; this module only moves bytes.
+the daemon it reached, and only then hands both sockets to a L{Splicer},
+which moves the bytes.  When the backend can't be used, an L{ErrorResponder}
+answers instead.  Where the backend is and what makes it acceptable is the
+resolver's and C{verifyDaemon}'s business; this module knows neither paths
+nor users.
 """
 
 import os
@@ -17,7 +18,7 @@ from typing import Optional, Set
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -32,66 +33,33 @@ from dockerrouter.backends import (
 from dockerrouter.credentials import Credentials, peerCredentials
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger
+from dockerrouter.splice import PipePool, Splicer
+
+# A daemon whose listen backlog is full makes a non-blocking Unix connect fail
+# with EAGAIN, which Twisted reports as a hang-up; try again until the
+# connect timeout, as a blocking connect would have waited.
+_RETRY_DELAY = 0.05
 
 
-@implementer(IHalfCloseableProtocol)
-class _RelayHalf(Protocol):
+def _backlogFull(reason: Failure) -> bool:
+    """Did a connect fail because the daemon's listen backlog is full?"""
+    if not reason.check(error.ConnectError) or not reason.value.args:
+        return False
+    cause = reason.value.args[0]
+    return isinstance(cause, Failure) and cause.check(error.ConnectionDone) is not None
+
+
+class ClientProtocol(Protocol):
     """
-    One side of a relay: forwards what it reads to the other side, counts it,
-    and passes end-of-file on as a half-close, so that a client's
-    C{shutdown(SHUT_WR)} (the end of C{docker run -i}'s stdin) reaches the
-    daemon while the daemon's output keeps flowing back.  The connection
-    closes once both of its directions are done.
-    """
-
-    peer: Optional["_RelayHalf"] = None
-    bytesForwarded = 0
-    readDone = False
-    writeDone = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.bytesForwarded += len(data)
-        self.peer.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        # The peer resuming us as its producer makes the reactor read EOF
-        # again; pass it on once.
-        if self.readDone:
-            return
-        self.readDone = True
-        self.peer.transport.loseWriteConnection()
-        self._closeWhenDone()
-
-    def writeConnectionLost(self) -> None:
-        self.writeDone = True
-        self._closeWhenDone()
-
-    def _closeWhenDone(self) -> None:
-        if self.readDone and self.writeDone:
-            self.transport.loseConnection()
-
-    def _endPeer(self, reason: Failure) -> None:
-        """This side is gone: a clean end lets the peer flush, any other ends it now."""
-        peer = self.peer
-        if peer is None or peer.transport is None or peer.transport.disconnected:
-            return
-        if reason.check(error.ConnectionDone):
-            peer.transport.loseConnection()
-        else:
-            peer.transport.abortConnection()
-
-
-class ClientProtocol(_RelayHalf):
-    """
-    The router's connection to a user's daemon.
+    The router's connection to a user's daemon.  Its bytes are the
+    L{Splicer}'s; the protocol only reports the end.
     """
 
     def __init__(self, server: "ServerProtocol") -> None:
         self.server = server
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
-        self._endPeer(reason)
-        self.server.backendLost(reason)
+        self.server.backendLost(self, reason)
 
 
 class _BackendFactory(Factory):
@@ -104,7 +72,8 @@ class _BackendFactory(Factory):
         return ClientProtocol(self.server)
 
 
-class ServerProtocol(_RelayHalf):
+@implementer(IHalfCloseableProtocol)
+class ServerProtocol(Protocol):
     """
     The client's connection to the router, and the owner of the relay.
     """
@@ -113,10 +82,12 @@ class ServerProtocol(_RelayHalf):
     factory: "RouterFactory"
 
     client: Credentials
-    backend: Optional[Backend] = None
-    peer: Optional[ClientProtocol] = None
-    ended = "closed"
+    backend: Backend
+    ended: Optional[str] = None
+    _daemon: Optional[ClientProtocol] = None
+    _splicer: Optional[Splicer] = None
     _connecting: Optional[Deferred] = None
+    _retry: Optional[IDelayedCall] = None
     _responder: Optional[ErrorResponder] = None
     _clientGone = False
     _openSides = 1
@@ -129,41 +100,59 @@ class ServerProtocol(_RelayHalf):
         self.client = peerCredentials(self.transport.getHandle())
         self.factory.relays.add(self)
         self.backend = self.factory.resolver.resolve(self.client)
+        self._connectBy = self.startedAt + self.factory.connectTimeout
+        self._connect()
+
+    def _connect(self) -> None:
+        self._retry = None
         endpoint = UNIXClientEndpoint(
-            self.factory.reactor, self.backend.path, timeout=self.factory.connectTimeout
+            self.factory.reactor,
+            self.backend.path,
+            timeout=max(self._connectBy - self.factory.reactor.seconds(), 0.001),
         )
         self._connecting = endpoint.connect(_BackendFactory(self))
         self._connecting.addCallbacks(self._backendConnected, self._backendFailed)
 
-    def _backendConnected(self, backendProtocol: ClientProtocol) -> None:
+    def _backendConnected(self, daemon: ClientProtocol) -> None:
         self._connecting = None
         self._openSides += 1
+        self._daemon = daemon
         try:
-            daemon = peerCredentials(backendProtocol.transport.getHandle())
-            verifyDaemon(self.backend, daemon, self.factory.routerPid())
+            verifyDaemon(
+                self.backend,
+                peerCredentials(daemon.transport.getHandle()),
+                self.factory.routerPid(),
+            )
         except BackendUnusable as reason:
-            backendProtocol.transport.abortConnection()
+            daemon.transport.abortConnection()
             self._reject(reason)
             return
-        self.peer = backendProtocol
-        backendProtocol.peer = self
-        # Backpressure: each transport is the streaming producer of the other,
-        # so a slow reader on either side pauses reading from the fast one and
-        # the router never buffers more than a socket's worth per direction.
-        self.transport.registerProducer(backendProtocol.transport, True)
-        backendProtocol.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        # From here the splicer reads and writes both sockets itself.
+        daemon.transport.stopReading()
+        self._splicer = Splicer(
+            self.factory.reactor,
+            self.factory.pipes,
+            self.transport.getHandle(),
+            daemon.transport.getHandle(),
+            self._relayEnded,
+        )
+        self._splicer.start()
 
     def _backendFailed(self, reason: Failure) -> None:
         self._connecting = None
         if self._clientGone:
             return  # the client left (or shutdown aborted it) while we waited
+        if _backlogFull(reason):
+            if self.factory.reactor.seconds() < self._connectBy:
+                self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
+                return
+            reason = Failure(error.TimeoutError())
         self._reject(
             explainConnectFailure(self.backend, reason.value, self.factory.connectTimeout)
         )
 
     def _reject(self, reason: BackendUnusable) -> None:
-        self.ended = "rejected:" + reason.cause
+        self._endAs("rejected:" + reason.cause)
         self.log.warn(
             REJECTED,
             uid=self.client.uid,
@@ -180,44 +169,63 @@ class ServerProtocol(_RelayHalf):
         )
         self.transport.resumeProducing()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._responder is not None:
-            self._responder.dataReceived(data)
+    def _relayEnded(self, failure: Optional[str]) -> None:
+        """Both directions ended (C{None}) or one side failed: close both."""
+        self._endAs(failure or "closed")
+        if failure is None:
+            self.transport.loseConnection()
+            self._daemon.transport.loseConnection()
         else:
-            super().dataReceived(data)
+            self.transport.abortConnection()
+            self._daemon.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        # Only a rejected client is read through Twisted; a relayed one is
+        # the splicer's.
+        self._responder.dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if self._responder is not None:
-            self._responder.readConnectionLost()
-        else:
-            super().readConnectionLost()
+        self._responder.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        pass  # the responder half-closed after its answer
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
         self._clientGone = True
         if self._connecting is not None:
             self._connecting.cancel()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         if self._responder is not None:
             self._responder.connectionLost()
-        if not reason.check(error.ConnectionDone) and self.ended == "closed":
-            self.ended = "client:" + type(reason.value).__name__
-        self._endPeer(reason)
+        if not reason.check(error.ConnectionDone):
+            self._endAs("client:" + type(reason.value).__name__)
         self._sideClosed()
 
-    def backendLost(self, reason: Failure) -> None:
-        if not reason.check(error.ConnectionDone) and self.ended == "closed":
-            self.ended = "docker:" + type(reason.value).__name__
+    def backendLost(self, daemon: ClientProtocol, reason: Failure) -> None:
+        if not reason.check(error.ConnectionDone):
+            self._endAs("docker:" + type(reason.value).__name__)
         self._sideClosed()
 
     def abort(self, why: str) -> None:
-        """End this relay now, both sides (graceful shutdown ran out of time)."""
-        self.ended = why
+        """End this connection now, both sides (shutdown ran out of time)."""
+        self._endAs(why)
+        if self._splicer is not None:
+            self._splicer.stop()
+            self._daemon.transport.abortConnection()
         self.transport.abortConnection()
+
+    def _endAs(self, why: str) -> None:
+        """Remember how the connection ended; the first cause is the cause."""
+        if self.ended is None:
+            self.ended = why
 
     def _sideClosed(self) -> None:
         self._openSides -= 1
         if self._openSides:
             return
         self.factory.relays.discard(self)
+        splicer = self._splicer
         self.log.info(
             CONNECTION_DONE,
             uid=self.client.uid,
@@ -225,9 +233,9 @@ class ServerProtocol(_RelayHalf):
             pid=self.client.pid,
             backend=self.backend.path,
             duration=self.factory.reactor.seconds() - self.startedAt,
-            bytesToDocker=self.bytesForwarded,
-            bytesFromDocker=self.peer.bytesForwarded if self.peer else 0,
-            end=self.ended,
+            bytesToDocker=splicer.toDocker if splicer else 0,
+            bytesFromDocker=splicer.fromDocker if splicer else 0,
+            end=self.ended or "closed",
         )
         self.factory.relayEnded(self)
 
@@ -247,6 +255,7 @@ class RouterFactory(Factory):
         self.reactor = reactor
         self.resolver = resolver
         self.connectTimeout = connectTimeout
+        self.pipes = PipePool()
         self.relays: Set[ServerProtocol] = set()
         self._whenIdle: list[Deferred] = []
 

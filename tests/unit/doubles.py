@@ -12,8 +12,12 @@ from dockerrouter.credentials import _UCRED, Credentials
 class FakeSocket:
     """Answers C{SO_PEERCRED} with the credentials it was given."""
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, fd: int) -> None:
         self.credentials = credentials
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert (level, option, size) == (socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -30,10 +34,15 @@ class PeerTransport(StringTransport):
     disconnected = False
     writeClosed = False
     aborted = False
+    reading = True
+    _fds = iter(range(1000, 10**6))
 
     def __init__(self, credentials: Credentials) -> None:
         super().__init__()
-        self._socket = FakeSocket(credentials)
+        self._socket = FakeSocket(credentials, next(self._fds))
+
+    def stopReading(self) -> None:
+        self.reading = False
 
     def getHandle(self) -> FakeSocket:
         return self._socket

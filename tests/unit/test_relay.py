@@ -1,6 +1,7 @@
 """
 The relay's protocol logic, driven without sockets: pausing, verification
-before pairing, producers, half-close, counts, records and the drain.
+before anything moves, connect retries, rejection, records and the drain.
+(What moves bytes is tested over real sockets in L{tests.unit.test_sockets}.)
 """
 
 from twisted.internet import error
@@ -12,11 +13,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from dockerrouter.backends import BackendResolver
 from dockerrouter.credentials import Credentials
 from dockerrouter.relay import RouterFactory, ServerProtocol
+from dockerrouter.splice import Splicer
 from tests.unit.doubles import PeerTransport
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
 ALICE_DAEMON = Credentials(pid=5000, uid=1000, gid=1000)
 ROUTER_PID = 99
+
+# What Twisted reports for a non-blocking Unix connect to a full backlog.
+BACKLOG_FULL = error.ConnectError(string=Failure(error.ConnectionDone()))
 
 
 class RelayTests(SynchronousTestCase):
@@ -43,41 +48,40 @@ class RelayTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol._wrappedProtocol, transport
 
+    def failBackend(self, reason: Exception) -> None:
+        _, wrappingFactory, _, _ = self.reactor.unixClients[-1]
+        wrappingFactory.clientConnectionFailed(None, Failure(reason))
+
     def test_pausesUntilVerified(self) -> None:
         """
         The client is not read until the backend is connected and verified;
-        then the two are each other's producers and the client is resumed.
+        then the splicer takes both sockets and Twisted reads neither.
         """
         server, clientTransport = self.connectClient()
         self.assertEqual(clientTransport.producerState, "paused")
+        self.assertEqual(self.reactor.readers, set())
         [(path, _, timeout, _)] = self.reactor.unixClients
         self.assertEqual((path, timeout), ("/run/user/1000/docker.sock", 5))
         backend, backendTransport = self.connectBackend()
-        self.assertEqual(clientTransport.producerState, "producing")
-        self.assertIs(clientTransport.producer, backendTransport)
-        self.assertIs(backendTransport.producer, clientTransport)
-        self.assertTrue(clientTransport.streaming and backendTransport.streaming)
-
-    def test_forwardsAndCounts(self) -> None:
-        server, clientTransport = self.connectClient()
-        backend, backendTransport = self.connectBackend()
-        server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
-        backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nOK")
-        backend.dataReceived(b"!")
-        self.assertEqual(backendTransport.value(), b"GET /_ping HTTP/1.1\r\n\r\n")
-        self.assertEqual(clientTransport.value(), b"HTTP/1.1 200 OK\r\n\r\nOK!")
-        self.assertEqual(server.bytesForwarded, 23)
-        self.assertEqual(backend.bytesForwarded, 22)
+        self.assertEqual(clientTransport.producerState, "paused")
+        self.assertFalse(backendTransport.reading)
+        self.assertIsInstance(server._splicer, Splicer)
+        self.assertEqual(
+            {r.fileno() for r in self.reactor.readers},
+            {clientTransport.getHandle().fd, backendTransport.getHandle().fd},
+        )
 
     def test_wrongOwnerGetsNoByte(self) -> None:
         """
-        A daemon running as another uid is dropped before any client byte
-        reaches it, and the client is told why.
+        A daemon running as another uid is dropped before anything is relayed,
+        and the client is told why.
         """
         server, clientTransport = self.connectClient()
         with capturedLogs() as events:
             backend, backendTransport = self.connectBackend(Credentials(pid=1, uid=0, gid=0))
         self.assertTrue(backendTransport.aborted)
+        self.assertIsNone(server._splicer)
+        self.assertEqual(self.reactor.readers, set())
         self.assertEqual(clientTransport.producerState, "producing")
         server.dataReceived(b"GET /containers/json HTTP/1.1\r\n\r\n")
         self.assertEqual(backendTransport.value(), b"")
@@ -94,73 +98,41 @@ class RelayTests(SynchronousTestCase):
 
     def test_connectFailure(self) -> None:
         server, clientTransport = self.connectClient()
-        _, wrappingFactory, _, _ = self.reactor.unixClients[-1]
-        wrappingFactory.clientConnectionFailed(None, Failure(error.TimeoutError()))
+        self.failBackend(error.TimeoutError())
         server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
         self.assertIn(b"504 Gateway Timeout", clientTransport.value())
 
-    def test_halfCloseEachWay(self) -> None:
+    def test_fullBacklogIsRetriedUntilTheTimeout(self) -> None:
         """
-        End-of-file on one side is a half-close of the other; each side
-        closes once both its directions are done.
+        A daemon too busy to take the connection is tried again within the
+        connect timeout, then reported as a timeout.
         """
         server, clientTransport = self.connectClient()
-        backend, backendTransport = self.connectBackend()
-        server.readConnectionLost()
-        self.assertTrue(backendTransport.writeClosed)
-        self.assertFalse(clientTransport.writeClosed)
-        backend.dataReceived(b"output after stdin closed")
-        self.assertEqual(clientTransport.value(), b"output after stdin closed")
-        backend.writeConnectionLost()
-        self.assertFalse(backendTransport.disconnecting)
-        backend.readConnectionLost()
-        self.assertTrue(clientTransport.writeClosed)
-        self.assertTrue(backendTransport.disconnecting)
-        server.writeConnectionLost()
-        self.assertTrue(clientTransport.disconnecting)
+        self.failBackend(BACKLOG_FULL)
+        self.assertEqual(len(self.reactor.unixClients), 1)
+        self.reactor.advance(0.05)
+        self.assertEqual(len(self.reactor.unixClients), 2)
+        self.assertAlmostEqual(self.reactor.unixClients[-1][2], 4.95)
+        self.reactor.advance(4.95)
+        attempts = len(self.reactor.unixClients)
+        self.failBackend(BACKLOG_FULL)
+        self.reactor.advance(1)
+        self.assertEqual(len(self.reactor.unixClients), attempts)
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"within 5 seconds", clientTransport.value())
 
-    def test_repeatedEndOfFile(self) -> None:
-        """
-        Resumed as a producer after EOF, a transport reports EOF again; the
-        relay passes it on once.
-        """
+    def test_fullBacklogThenConnected(self) -> None:
+        server, clientTransport = self.connectClient()
+        self.failBackend(BACKLOG_FULL)
+        self.reactor.advance(0.05)
+        self.connectBackend()
+        self.assertIsInstance(server._splicer, Splicer)
+
+    def test_clientLeavesDuringRetry(self) -> None:
         server, _ = self.connectClient()
-        backend, backendTransport = self.connectBackend()
-        server.readConnectionLost()
-        backendTransport.writeClosed = False
-        server.readConnectionLost()
-        self.assertFalse(backendTransport.writeClosed)
-
-    def test_resetEndsTheOtherSide(self) -> None:
-        server, clientTransport = self.connectClient()
-        backend, backendTransport = self.connectBackend()
+        self.failBackend(BACKLOG_FULL)
         server.connectionLost(Failure(error.ConnectionLost()))
-        self.assertTrue(backendTransport.aborted)
-
-    def test_oneRecordWithTrueCounts(self) -> None:
-        server, clientTransport = self.connectClient()
-        backend, backendTransport = self.connectBackend()
-        server.dataReceived(b"x" * 1000)
-        backend.dataReceived(b"y" * 70)
-        self.reactor.advance(2.5)
-        with capturedLogs() as events:
-            server.connectionLost(Failure(error.ConnectionDone()))
-            self.assertEqual(events, [])
-            backend.connectionLost(Failure(error.ConnectionDone()))
-        [record] = events
-        self.assertEqual(
-            {k: record[k] for k in ("uid", "user", "pid", "backend", "bytesToDocker", "bytesFromDocker", "end", "duration")},
-            {
-                "uid": 1000,
-                "user": "alice",
-                "pid": 4242,
-                "backend": "/run/user/1000/docker.sock",
-                "bytesToDocker": 1000,
-                "bytesFromDocker": 70,
-                "end": "closed",
-                "duration": 2.5,
-            },
-        )
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.factory.relays, set())
 
     def test_clientLeavesWhileConnecting(self) -> None:
@@ -171,6 +143,37 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(connector.stoppedConnecting, True)
         self.assertEqual([e["end"] for e in events], ["client:ConnectionLost"])
         self.assertEqual(self.factory.relays, set())
+
+    def test_oneRecordPerConnection(self) -> None:
+        server, clientTransport = self.connectClient()
+        backend, backendTransport = self.connectBackend()
+        self.reactor.advance(2.5)
+        with capturedLogs() as events:
+            server._relayEnded(None)
+            self.assertTrue(clientTransport.disconnecting and backendTransport.disconnecting)
+            server.connectionLost(Failure(error.ConnectionDone()))
+            self.assertEqual(events, [])
+            backend.connectionLost(Failure(error.ConnectionDone()))
+        [record] = events
+        self.assertEqual(
+            {k: record[k] for k in ("uid", "user", "pid", "backend", "end", "duration")},
+            {
+                "uid": 1000,
+                "user": "alice",
+                "pid": 4242,
+                "backend": "/run/user/1000/docker.sock",
+                "end": "closed",
+                "duration": 2.5,
+            },
+        )
+        self.assertEqual(self.factory.relays, set())
+
+    def test_failedSideAbortsBoth(self) -> None:
+        server, clientTransport = self.connectClient()
+        backend, backendTransport = self.connectBackend()
+        server._relayEnded("docker:ECONNRESET")
+        self.assertTrue(clientTransport.aborted and backendTransport.aborted)
+        self.assertEqual(server.ended, "docker:ECONNRESET")
 
 
 class DrainTests(SynchronousTestCase):

@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -173,7 +174,7 @@ class RealSocketTests(TestCase):
     @defer.inlineCallbacks
     def test_slowReaderPausesTheDaemon(self):
         """
-        A client that stops reading pauses the daemon's side instead of
+        A client that stops reading stalls the daemon in the kernel instead of
         letting the router buffer the stream; every byte arrives once it reads.
         """
         self.startRouter(Firehose)
@@ -182,15 +183,60 @@ class RealSocketTests(TestCase):
         yield pollUntil(lambda: self.backends and self.backends[0].paused)
         [backend] = self.backends
         [relay] = self.router.relays
-        sentWhenPaused = backend.sent
-        # The router's write buffer towards the client filled, so it paused
-        # reading from the daemon.
-        yield pollUntil(lambda: relay.transport.producerPaused)
-        for transport in (relay.transport, relay.peer.transport):
-            buffered = len(transport.dataBuffer) + transport._tempDataLen
-            self.assertLess(buffered, 2 * 1024 * 1024)
-        self.assertLess(sentWhenPaused, Firehose.total)
+        down = relay._splicer._down
+        # The router's side towards the client filled: it holds one pipe's
+        # worth at most and stops reading the daemon.
+        yield pollUntil(lambda: down.pending > 0 and down.source not in reactor.getReaders())
+        self.assertLessEqual(down.pending, 1024 * 1024)
+        sent = backend.sent
+        yield task.deferLater(reactor, 0.2)
+        self.assertEqual(backend.sent, sent)
+        self.assertLess(sent, Firehose.total)
         client.transport.resumeProducing()
         yield client.readEnded
         self.assertEqual(len(client.received), Firehose.total)
         self.assertEqual(hashlib.sha256(client.received).hexdigest(), backend.digest.hexdigest())
+
+    @defer.inlineCallbacks
+    def test_recordCountsEveryByte(self):
+        """
+        The connection's record carries the bytes each way, and an idle relay
+        holds no pipe.
+        """
+        self.startRouter(AnswerAfterEOF)
+        with capturedLogs() as events:
+            client = yield defer.ensureDeferred(self.connectClient())
+            client.transport.write(b"x" * 300_000)
+            yield pollUntil(lambda: self.backends and len(self.backends[0].received) == 300_000)
+            [relay] = self.router.relays
+            self.assertIsNone(relay._splicer._up.pipe)
+            self.assertIsNone(relay._splicer._down.pipe)
+            client.transport.loseWriteConnection()
+            yield client.lost
+            yield pollUntil(lambda: not self.router.relays)
+        [record] = [e for e in events if "bytesToDocker" in e]
+        self.assertEqual(
+            (record["bytesToDocker"], record["bytesFromDocker"], record["end"]),
+            (300_000, len(b"300000\n" + AnswerAfterEOF.answer), "closed"),
+        )
+
+    @defer.inlineCallbacks
+    def test_daemonDiesMidStream(self):
+        """
+        A daemon that dies with bytes still owed to it ends the client's
+        connection promptly, and the record says which side failed.
+        """
+        self.startRouter(Peer)
+        with capturedLogs() as events:
+            client = yield defer.ensureDeferred(self.connectClient())
+            yield pollUntil(lambda: self.backends)
+            [backend] = self.backends
+            [relay] = self.router.relays
+            backend.transport.pauseProducing()
+            client.transport.write(b"x" * 4 * 1024 * 1024)
+            yield pollUntil(lambda: relay._splicer._up.pending > 0)
+            backend.transport.abortConnection()
+            yield client.lost
+            yield pollUntil(lambda: not self.router.relays)
+        [record] = [e for e in events if "bytesToDocker" in e]
+        self.assertTrue(record["end"].startswith("docker:"), record["end"])

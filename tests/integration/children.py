@@ -1,0 +1,559 @@
+"""
+Small stdlib-only programs that the integration tests run as other users.
+
+Other uids may not be able to read the checkout (CI can clone it anywhere), so
+the harness reads this file itself and hands its text to C{python -I -c}.  The
+first argument is a JSON object naming the role (C{backend}, C{agent} or
+C{flipper}) and its settings.  Every role reports to the harness in JSON lines
+on stdout, so the harness can wait for facts instead of sleeping.
+
+The harness also imports this module for L{pattern} and L{patternDigest}, so
+both ends of a transfer agree on the bytes without shipping them around.
+"""
+
+import base64
+import errno
+import hashlib
+import http.client
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+
+CHUNK = 1 << 20
+_printLock = threading.Lock()
+
+
+def pattern(seed, size):
+    """
+    Yield C{size} deterministic pseudo-random bytes in chunks.
+
+    Random rather than repeated bytes, so that a reordered or duplicated chunk
+    changes the checksum.
+    """
+    rng = random.Random(seed)
+    remaining = size
+    while remaining > 0:
+        n = min(CHUNK, remaining)
+        yield rng.randbytes(n)
+        remaining -= n
+
+
+def patternDigest(seed, size):
+    """
+    The sha256 hex digest of L{pattern}C{(seed, size)}.
+    """
+    digest = hashlib.sha256()
+    for chunk in pattern(seed, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def emit(**fields):
+    """
+    Tell the harness something: one JSON object per line, flushed at once.
+    """
+    with _printLock:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+
+def _b64(data):
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def _unb64(text):
+    return base64.b64decode(text.encode("ascii"))
+
+
+def errorName(exc):
+    """
+    A short stable name for a failure (C{ECONNRESET}, C{timeout}, ...), which
+    the tests compare against.
+    """
+    if isinstance(exc, socket.timeout):
+        return "timeout"
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+def recvAll(sock, keep=65536):
+    """
+    Read to EOF and say how it ended: a reset is reported, not raised, because
+    "the close is clean" is one of the things under test.
+    """
+    digest = hashlib.sha256()
+    head = bytearray()
+    total = 0
+    error = None
+    try:
+        while True:
+            data = sock.recv(CHUNK)
+            if not data:
+                break
+            digest.update(data)
+            total += len(data)
+            if len(head) < keep:
+                head += data[: keep - len(head)]
+    except Exception as e:
+        error = errorName(e)
+    return {"len": total, "sha": digest.hexdigest(), "head": _b64(head), "error": error}
+
+
+def sendPattern(sock, seed, size):
+    """
+    Send L{pattern}C{(seed, size)}; report how much went out and any error.
+    """
+    digest = hashlib.sha256()
+    sent = 0
+    error = None
+    try:
+        for chunk in pattern(seed, size):
+            sock.sendall(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+    except Exception as e:
+        error = errorName(e)
+    return {"sent": sent, "sha": digest.hexdigest(), "error": error}
+
+
+def _readToEOF(conn):
+    """
+    Read until EOF, returning (count, sha256), so a peer's close never meets
+    unread data (which a Unix socket turns into ECONNRESET for the peer).
+    """
+    digest = hashlib.sha256()
+    count = 0
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            return count, digest.hexdigest()
+        digest.update(data)
+        count += len(data)
+
+
+# Backends: one thread per accepted connection, a mode per behaviour.
+
+
+def _serveHttp(conn, conf):
+    """
+    A stand-in Docker daemon: answer any request with 200 and who we are.
+    """
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            break
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        more = conn.recv(65536)
+        if not more:
+            break
+        body += more
+    requestLine = head.split(b"\r\n")[0].decode("latin-1")
+    payload = json.dumps({"uid": os.getuid(), "tag": conf.get("tag"), "requestLine": requestLine})
+    payload = payload.encode()
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (len(payload),) + payload
+    )
+    conn.shutdown(socket.SHUT_WR)
+    _readToEOF(conn)
+
+
+def _serveEcho(conn, conf):
+    """
+    Send back every byte; pass the client's EOF on as our own.
+    """
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def _serveRecord(conn, conf):
+    """
+    A decoy: keep every byte it is sent, and report each arrival at once.
+    """
+    emit(event="accepted")
+    total = 0
+    try:
+        with open(conf["record"], "ab") as f:
+            while True:
+                data = conn.recv(CHUNK)
+                if not data:
+                    break
+                emit(event="data", bytes=len(data))
+                total += len(data)
+                f.write(data)
+                f.flush()
+    finally:
+        emit(event="closed", bytes=total)
+
+
+def _serveCountThenReply(conn, conf):
+    """
+    Half-close from the client: read to EOF first, then answer with the count
+    and checksum of what came, followed by a large reply.
+    """
+    count, sha = _readToEOF(conn)
+    emit(event="received", bytes=count, sha=sha)
+    conn.sendall(b"%d %s\n" % (count, sha.encode()))
+    for chunk in pattern(conf.get("seed", 0), conf.get("replySize", 0)):
+        conn.sendall(chunk)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def _serveGreetThenCount(conn, conf):
+    """
+    Half-close from the daemon: send a greeting, shut our write side, and keep
+    reading what the client still sends.
+    """
+    for chunk in pattern(conf.get("seed", 0), conf.get("greetSize", 0)):
+        conn.sendall(chunk)
+    conn.shutdown(socket.SHUT_WR)
+    count, sha = _readToEOF(conn)
+    emit(event="received", bytes=count, sha=sha)
+
+
+def _serveSource(conn, conf):
+    """
+    Stream as fast as the peer takes it, reporting progress per chunk so the
+    harness can see when backpressure stops us.
+    """
+    sent = 0
+    for chunk in pattern(conf.get("seed", 0), conf["size"]):
+        conn.sendall(chunk)
+        sent += len(chunk)
+        emit(event="sent", bytes=sent)
+    conn.shutdown(socket.SHUT_WR)
+    _readToEOF(conn)
+
+
+_MODES = {
+    "http": _serveHttp,
+    "echo": _serveEcho,
+    "record": _serveRecord,
+    "countThenReply": _serveCountThenReply,
+    "greetThenCount": _serveGreetThenCount,
+    "source": _serveSource,
+}
+
+
+def _handle(serve, conn, conf):
+    try:
+        serve(conn, conf)
+    except Exception as e:
+        emit(event="error", error=errorName(e), detail=repr(e))
+    finally:
+        conn.close()
+
+
+def _fillBacklog(path):
+    """
+    Connect to our own listen(0) socket until the kernel says EAGAIN, so the
+    router's connect can neither complete nor fail: it has to time out.
+    """
+    held = []
+    for _ in range(64):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            c.close()
+            return held
+        held.append(c)
+    raise RuntimeError("backlog of %s never filled" % (path,))
+
+
+def backend(conf):
+    """
+    Listen at C{conf["path"]} as whoever we run as, then serve each connection
+    in the chosen mode.  C{stale} binds and closes (a socket file nobody
+    listens on); C{backlogFull} listens but never accepts.
+    """
+    path = conf["path"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if "chmod" in conf:
+        os.chmod(path, conf["chmod"])
+    mode = conf["mode"]
+    if mode == "stale":
+        sock.close()
+        emit(event="ready", pid=os.getpid(), uid=os.getuid())
+        return
+    if mode == "backlogFull":
+        sock.listen(0)
+        held = _fillBacklog(path)
+        emit(event="ready", pid=os.getpid(), uid=os.getuid(), held=len(held))
+        sys.stdin.read()  # Until the harness goes away.
+        return
+    sock.listen(conf.get("backlog", 128))
+    emit(event="ready", pid=os.getpid(), uid=os.getuid())
+    serve = _MODES[mode]
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=_handle, args=(serve, conn, conf), daemon=True).start()
+
+
+# The agent: a client socket driven by the harness, one JSON command a line.
+
+
+def _connect(path, timeout):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+class Agent:
+    """
+    Holds at most one open client connection between commands, so a test can
+    interleave its steps with signals to the router or the backend.
+    """
+
+    def __init__(self):
+        self.sock = None
+
+    def op_connect(self, path, timeout=60):
+        self.sock = _connect(path, timeout)
+        return {}
+
+    def op_connectAndSend(self, path, data, shutdown=False, timeout=60):
+        """
+        Send the moment connect returns, before the router can have reached
+        the backend: those bytes must not be lost.
+        """
+        self.sock = _connect(path, timeout)
+        self.sock.sendall(_unb64(data))
+        if shutdown:
+            self.sock.shutdown(socket.SHUT_WR)
+        return {}
+
+    def op_send(self, data):
+        try:
+            self.sock.sendall(_unb64(data))
+        except Exception as e:
+            return {"error": errorName(e)}
+        return {"error": None}
+
+    def op_sendPattern(self, seed, size):
+        return sendPattern(self.sock, seed, size)
+
+    def op_shutdownWrite(self):
+        self.sock.shutdown(socket.SHUT_WR)
+        return {}
+
+    def op_recvExact(self, size):
+        data = bytearray()
+        error = None
+        try:
+            while len(data) < size:
+                more = self.sock.recv(size - len(data))
+                if not more:
+                    break
+                data += more
+        except Exception as e:
+            error = errorName(e)
+        return {"data": _b64(data), "error": error}
+
+    def op_recvSlowly(self, size, chunk=4096, pause=0.002):
+        """
+        A slow reader: small reads with pauses (the pauses model slowness;
+        nothing waits on them).
+        """
+        got = 0
+        while got < size:
+            data = self.sock.recv(min(chunk, size - got))
+            if not data:
+                break
+            got += len(data)
+            time.sleep(pause)
+        return {"len": got}
+
+    def op_recvAll(self, keep=65536, timeout=None):
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        return recvAll(self.sock, keep)
+
+    def op_close(self):
+        self.sock.close()
+        self.sock = None
+        return {}
+
+    def op_echoTransfer(self, seed, size):
+        """
+        Send and receive at the same time (an echo needs both), then half-close
+        and read the rest.
+        """
+        result = {}
+
+        def sender():
+            result.update(sendPattern(self.sock, seed, size))
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except Exception as e:
+                result["shutdownError"] = errorName(e)
+
+        thread = threading.Thread(target=sender)
+        thread.start()
+        received = recvAll(self.sock, keep=0)
+        thread.join()
+        return {"sent": result, "received": received}
+
+    def op_raw(self, path, data, shutdown=False, keep=1 << 20, timeout=30):
+        """
+        One whole exchange on a fresh connection: the bytes as the wire
+        carried them, and how the read ended.
+        """
+        started = time.monotonic()
+        sock = _connect(path, timeout)
+        try:
+            sock.sendall(_unb64(data))
+            if shutdown:
+                sock.shutdown(socket.SHUT_WR)
+            result = recvAll(sock, keep)
+        finally:
+            sock.close()
+        result["elapsed"] = time.monotonic() - started
+        return result
+
+    def op_http(self, path, method, url, body=None, headers=None, timeout=30):
+        """
+        A real HTTP client (http.client) over the Unix socket; then read the
+        raw socket to EOF to see whether the close was clean.
+        """
+        started = time.monotonic()
+        sock = _connect(path, timeout)
+        conn = http.client.HTTPConnection("docker", timeout=timeout)
+        # http.client closes its own socket object when the response says
+        # Connection: close; a duplicate keeps ours open for the EOF check.
+        conn.sock = sock.dup()
+        result = {"stage": "request"}
+        try:
+            conn.request(method, url, body=_unb64(body) if body else None, headers=headers or {})
+            result["stage"] = "response"
+            response = conn.getresponse()
+            result.update(
+                status=response.status,
+                reason=response.reason,
+                headers=[[k, v] for k, v in response.getheaders()],
+            )
+            result["stage"] = "body"
+            result["body"] = _b64(response.read())
+            result["stage"] = "eof"
+            tail = recvAll(sock)
+            result.update(tailLen=tail["len"], tailError=tail["error"])
+            result["stage"] = "done"
+        except Exception as e:
+            result["error"] = errorName(e)
+            result["detail"] = repr(e)
+        finally:
+            conn.close()
+            sock.close()
+        result["elapsed"] = time.monotonic() - started
+        return result
+
+    def op_requestLoop(self, path, data, count, timeout=30):
+        """
+        Many whole exchanges in a row; count the answers by status line and
+        keep one sample of each, for the symlink race.
+        """
+        statuses = {}
+        samples = {}
+        errors = {}
+        for _ in range(count):
+            try:
+                sock = _connect(path, timeout)
+            except Exception as e:
+                key = "connect:" + errorName(e)
+                errors[key] = errors.get(key, 0) + 1
+                continue
+            try:
+                sock.sendall(_unb64(data))
+                sock.shutdown(socket.SHUT_WR)
+                result = recvAll(sock, keep=65536)
+            except Exception as e:
+                result = {"error": errorName(e), "head": ""}
+            finally:
+                sock.close()
+            if result["error"]:
+                errors[result["error"]] = errors.get(result["error"], 0) + 1
+            raw = _unb64(result["head"])
+            status = raw.split(b"\r\n", 1)[0].decode("latin-1")
+            statuses[status] = statuses.get(status, 0) + 1
+            samples.setdefault(status, _b64(raw))
+        return {"statuses": statuses, "samples": samples, "errors": errors}
+
+    def op_dockerPing(self, path):
+        """
+        What the Docker SDK makes of the router's answer.
+        """
+        import docker
+
+        client = docker.DockerClient(base_url="unix://" + path, version="1.43", timeout=30)
+        try:
+            client.ping()
+        except docker.errors.APIError as e:
+            return {"apiError": True, "status": e.status_code, "explanation": e.explanation}
+        except Exception as e:
+            return {"apiError": False, "error": errorName(e), "detail": repr(e)}
+        return {"apiError": False, "error": None}
+
+
+def agent(conf):
+    emit(event="ready", pid=os.getpid(), uid=os.getuid())
+    target = Agent()
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        command = json.loads(line)
+        op = getattr(target, "op_" + command.pop("op"))
+        try:
+            result = op(**command)
+        except Exception as e:
+            result = {"exception": errorName(e), "detail": repr(e)}
+        emit(event="reply", **result)
+
+
+def flipper(conf):
+    """
+    Swap a symlink between two targets as fast as we can, atomically (rename),
+    so that every lookup finds one target or the other, never nothing.
+    """
+    link = conf["link"]
+    targets = conf["targets"]
+    temporary = link + ".flip"
+    flips = 0
+    while True:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        os.symlink(targets[flips % 2], temporary)
+        os.rename(temporary, link)
+        flips += 1
+        if flips == 2:
+            emit(event="ready", pid=os.getpid(), uid=os.getuid())
+
+
+_ROLES = {"backend": backend, "agent": agent, "flipper": flipper}
+
+
+if __name__ == "__main__":
+    _conf = json.loads(sys.argv[1])
+    _ROLES[_conf.pop("role")](_conf)

@@ -1,0 +1,129 @@
+"""
+The security boundary: whatever a user puts at their own path, the router
+only relays to a daemon running as that user.
+
+Each attack points the path at a recording decoy; the tests check the refusal
+and that the decoy received not one byte.
+"""
+
+import os
+import re
+
+from tests.integration.harness import (
+    UID_A,
+    UID_B,
+    IntegrationTestCase,
+    b64,
+    lineRequest,
+    unb64,
+)
+
+# A request with a body: whatever a decoy might receive, it would see this.
+SECRET_REQUEST = lineRequest(
+    "POST", "/v1.43/containers/create", body=b'{"Image": "SECRET-PAYLOAD"}'
+)
+
+
+class SymlinkAttackTests(IntegrationTestCase):
+    """
+    Symlinks to sockets of other users, of root, and of the router itself.
+    """
+
+    def attack(self, uid, router):
+        """
+        Send L{SECRET_REQUEST} as C{uid}; check it is refused with an error
+        naming uid and path; return the message.
+        """
+        agent = self.harness.startAgent(uid)
+        reply = agent.call("raw", path=router.listenPath, data=b64(SECRET_REQUEST))
+        self.assertEqual(reply["error"], None, "%r\n%s" % (reply, router.evidence()))
+        return self.assertHttpError(unb64(reply["head"]), uid, self.harness.backendPath(uid))
+
+    def assertNamesUid(self, message, uid):
+        self.assertTrue(re.search(r"\b%d\b" % (uid,), message), message)
+
+    def test_symlinkToRootSocket(self):
+        """
+        A path pointing at a root-owned socket (root's dockerd) is refused.
+        """
+        router = self.harness.startRouter()
+        decoy = self.harness.startDecoy(os.path.join(self.harness.tmp, "root-docker.sock"))
+        self.harness.symlink(decoy.path, self.harness.backendPath(UID_A), owner=UID_A)
+        message = self.attack(UID_A, router)
+        self.assertNamesUid(message, 0)
+        decoy.settle()
+        self.assertEqual(decoy.receivedBytes(), 0)
+        router.waitLog(r"rejected uid=%d .*cause=wrong-owner" % (UID_A,))
+
+    def test_symlinkToAnotherUsersSocket(self):
+        """
+        A path pointing at another user's daemon is refused.
+        """
+        router = self.harness.startRouter()
+        victim = self.harness.startDecoy(self.harness.backendPath(UID_B), uid=UID_B)
+        self.harness.symlink(victim.path, self.harness.backendPath(UID_A), owner=UID_A)
+        message = self.attack(UID_A, router)
+        self.assertNamesUid(message, UID_B)
+        victim.settle()
+        self.assertEqual(victim.receivedBytes(), 0)
+        router.waitLog(r"rejected uid=%d .*cause=wrong-owner" % (UID_A,))
+
+    def test_symlinkToTheRoutersOwnSocket(self):
+        """
+        A path pointing back at the router's socket would make the inner hop
+        arrive as root; root's backend (a decoy here) must see nothing.
+        """
+        router = self.harness.startRouter()
+        rootBackend = self.harness.startDecoy(self.harness.backendPath(0))
+        self.harness.symlink(router.listenPath, self.harness.backendPath(UID_A), owner=UID_A)
+        self.attack(UID_A, router)
+        rootBackend.settle()
+        self.assertEqual(rootBackend.receivedBytes(), 0)
+        # The router may see its own peer for what it is (a loop) or just as
+        # a daemon running as root; either way it refuses.
+        router.waitLog(r"rejected uid=%d .*cause=(wrong-owner|loop): " % (UID_A,))
+
+    def test_rootObeysTheSameRule(self):
+        """
+        uid 0 is routed to its own path, and refused when another uid's daemon
+        listens there.
+        """
+        router = self.harness.startRouter()
+        decoy = self.harness.startDecoy(self.harness.backendPath(0), uid=UID_B)
+        message = self.attack(0, router)
+        self.assertNamesUid(message, UID_B)
+        decoy.settle()
+        self.assertEqual(decoy.receivedBytes(), 0)
+
+    def test_symlinkSwappedInATightLoop(self):
+        """
+        500 connections while the symlink flips between the user's own daemon
+        and a root decoy: every answer is the user's daemon or a refusal, and
+        the decoy receives zero bytes (the check is on the daemon connected,
+        not on the path looked at before).
+        """
+        router = self.harness.startRouter()
+        own = os.path.join(self.harness.userDirectory(UID_A), "docker.sock")
+        self.harness.startBackend(UID_A, "http", own)
+        decoy = self.harness.startDecoy(os.path.join(self.harness.tmp, "root-docker.sock"))
+        path = self.harness.backendPath(UID_A)
+        flipper = self.harness.startFlipper(UID_A, path, [own, decoy.path])
+        agent = self.harness.startAgent(UID_A)
+        loop = agent.call(
+            "requestLoop", seconds=150, path=router.listenPath, data=b64(SECRET_REQUEST), count=500
+        )
+        flipper.kill()
+        decoy.settle()
+        accepted = decoy.count("accepted")
+        self.assertEqual(decoy.receivedBytes(), 0, "decoy accepted %d connections" % (accepted,))
+        self.assertEqual(loop["errors"], {}, loop)
+        ok = loop["statuses"].pop("HTTP/1.1 200 OK", 0)
+        refused = sum(loop["statuses"].values())
+        self.assertEqual(ok + refused, 500, loop)
+        # Both states were met, so the race was really run.
+        self.assertGreater(ok, 0, loop)
+        self.assertGreater(refused, 0, loop)
+        for status, sample in loop["samples"].items():
+            if status != "HTTP/1.1 200 OK":
+                message = self.assertHttpError(unb64(sample), UID_A, path)
+                self.assertNamesUid(message, 0)

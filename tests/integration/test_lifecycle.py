@@ -1,0 +1,115 @@
+"""
+The router process's life: restart after a crash, one instance per socket,
+and a graceful SIGTERM.
+"""
+
+import os
+import signal
+import time
+
+from tests.integration.harness import UID_A, IntegrationTestCase, pollUntil
+
+# Exit statuses systemd counts as a clean stop.
+CLEAN_EXITS = (0, -signal.SIGTERM)
+
+
+class InstanceTests(IntegrationTestCase):
+    """
+    One instance per socket, and a crash leaves nothing that blocks a restart.
+    """
+
+    def test_restartAfterKill9(self):
+        """
+        After kill -9 the socket file is left behind; a new router cleans it
+        up, starts and serves.
+        """
+        first = self.harness.startRouter()
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(10)
+        self.assertTrue(os.path.exists(self.harness.listenPath), "kill -9 left no socket file")
+        second = self.harness.startRouter()
+        self.harness.startBackend(UID_A, "http")
+        self.assertServedBy(self.get(UID_A), UID_A, second)
+
+    def test_secondInstanceRefuses(self):
+        """
+        A second router on a live socket exits non-zero with a message naming
+        the socket, and leaves the first one's socket alone.
+        """
+        first = self.harness.startRouter()
+        inode = os.stat(self.harness.listenPath).st_ino
+        second = self.harness.startRouter(ready=False)
+        status = second.waitExit(20)
+        self.assertIsNotNone(status, "second instance still running\n%s" % (second.evidence(),))
+        self.assertNotEqual(status, 0, second.evidence())
+        self.assertIn(self.harness.listenPath, second.log() + second.output())
+        self.assertIsNone(first.process.poll())
+        self.assertEqual(os.stat(self.harness.listenPath).st_ino, inode)
+        self.harness.startBackend(UID_A, "http")
+        self.assertServedBy(self.get(UID_A), UID_A, first)
+
+
+class ShutdownTests(IntegrationTestCase):
+    """
+    SIGTERM: stop accepting at once, drain, then abort what is left.
+    """
+
+    def liveRelay(self, router):
+        """
+        An agent with an open, working relay through C{router} to an echo.
+        """
+        self.harness.startBackend(UID_A, "echo")
+        agent = self.harness.startAgent(UID_A)
+        agent.call("connect", path=router.listenPath)
+        agent.call("send", data="aGVsbG8=")
+        self.assertEqual(agent.call("recvExact", size=5)["data"], "aGVsbG8=")
+        return agent
+
+    def terminate(self, router):
+        """
+        SIGTERM the router; check its socket file is gone within about a
+        second and new connections fail.
+        """
+        router.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        pollUntil(
+            lambda: not os.path.exists(router.listenPath), 5, what="the socket file to disappear"
+        )
+        self.assertLess(time.monotonic() - started, 1.5, router.evidence())
+        self.assertIn(router.tryConnect(), ("ENOENT", "ECONNREFUSED"))
+
+    def test_drain(self):
+        """
+        A relay live at SIGTERM goes on working until it ends by itself; then
+        the router exits cleanly without waiting out the shutdown timeout.
+        """
+        router = self.harness.startRouter(["--shutdown-timeout", "20"])
+        agent = self.liveRelay(router)
+        self.terminate(router)
+        self.assertIsNone(
+            router.process.poll(), "exited with a relay still live\n%s" % (router.evidence(),)
+        )
+        agent.call("send", data="d29ybGQ=")
+        self.assertEqual(agent.call("recvExact", size=5)["data"], "d29ybGQ=", router.evidence())
+        agent.call("shutdownWrite")
+        self.assertEqual(agent.call("recvAll")["error"], None)
+        status = router.waitExit(5)
+        self.assertIn(status, CLEAN_EXITS, router.evidence())
+        done = router.connectionDone(agent.ready["pid"], seconds=1)
+        self.assertEqual((done["to_docker"], done["from_docker"]), ("10", "10"))
+
+    def test_abortAfterShutdownTimeout(self):
+        """
+        A relay still open past --shutdown-timeout is aborted and the router
+        exits cleanly.
+        """
+        router = self.harness.startRouter(["--shutdown-timeout", "1"])
+        agent = self.liveRelay(router)
+        started = time.monotonic()
+        self.terminate(router)
+        status = router.waitExit(6)
+        elapsed = time.monotonic() - started
+        self.assertIn(status, CLEAN_EXITS, router.evidence())
+        self.assertGreater(elapsed, 0.9, "exited before the shutdown timeout")
+        ended = agent.call("recvAll", seconds=10, timeout=5)
+        self.assertNotEqual(ended["error"], "timeout")
