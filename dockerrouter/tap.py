@@ -138,6 +138,16 @@ class _ListeningService(StreamServerEndpointService):
         except Exception as e:
             raise SystemExit(f"docker-router: cannot listen on {self.description}: {e}")
 
+    def stopService(self):
+        if self.description.startswith("systemd:") and self._waitingForPort.called:
+            # Twisted unlinks a Unix port's path when it stops listening, even
+            # a socket it adopted from systemd, which still owns it and will
+            # hand it to the next start: make the path look abstract to it.
+            port = self._waitingForPort.result
+            if getattr(port, "_bindPath", None):
+                port._bindPath = b"\0"
+        return super().stopService()
+
 
 class _DrainService(Service):
     """
