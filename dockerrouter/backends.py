@@ -6,11 +6,12 @@ This module knows users, paths and the rule of the security boundary; it knows
 nothing of transports or protocols.
 """
 
+import bisect
 import errno
 import os
 import pwd
 import stat
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Optional
 
 from attrs import frozen
 from twisted.internet import error
@@ -48,22 +49,100 @@ def userName(uid: int) -> str:
 
 class BackendResolver:
     """
-    Fills the socket path template for a client.
+    Fills the socket path template for a client: its own uid's, or, for a
+    uid in a user's subordinate range (a process in that user's rootless
+    container), the owning user's.
     """
 
     def __init__(
-        self, template: str, lookupName: Callable[[int], str] = userName
+        self,
+        template: str,
+        lookupName: Callable[[int], str] = userName,
+        subordinates: Optional["SubordinateIds"] = None,
     ) -> None:
         self.template = template
         self._lookupName = lookupName
+        self._subordinates = subordinates
 
     def resolve(self, client: Credentials) -> Backend:
-        user = self._lookupName(client.uid)
-        return Backend(
-            path=self.template.format(uid=client.uid, user=user),
-            uid=client.uid,
-            user=user,
-        )
+        uid = client.uid
+        if self._subordinates is not None:
+            uid = self._subordinates.owner(uid)
+        user = self._lookupName(uid)
+        return Backend(path=self.template.format(uid=uid, user=user), uid=uid, user=user)
+
+
+class SubordinateIds:
+    """
+    The owners of the subordinate uid ranges in C{/etc/subuid}, re-read when
+    the file changes.
+
+    Inside a user's rootless container, root is the user and every other uid
+    is one of their subordinate ids; those processes belong to that user's
+    daemon.  Lines that are broken, name an unknown user or overlap another
+    range are ignored (an id claimed twice has no owner we could trust),
+    with a warning from C{warn}.  uid 0 never maps to anyone.
+    """
+
+    def __init__(self, path: str, warn: Callable[[str], None]) -> None:
+        self.path = path
+        self._warn = warn
+        self._stamp: Optional[tuple] = None
+        self._starts: list[int] = []
+        self._ranges: list[tuple[int, int, int]] = []
+
+    def owner(self, uid: int) -> int:
+        """The uid that owns C{uid}: its range's owner, or C{uid} itself."""
+        if uid == 0:
+            return uid
+        self._refresh()
+        i = bisect.bisect_right(self._starts, uid) - 1
+        if i >= 0:
+            start, count, owner = self._ranges[i]
+            if uid < start + count:
+                return owner
+        return uid
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        self._ranges = self._parse(text)
+        self._starts = [start for start, _, _ in self._ranges]
+
+    def _parse(self, text: str) -> list[tuple[int, int, int]]:
+        ranges = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                name, start, count = line.strip().split(":")
+                start, count = int(start), int(count)
+                if start <= 0 or count <= 0:
+                    raise ValueError("not a positive range")
+                owner = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+            except (ValueError, KeyError) as e:
+                self._warn(f"{self.path}:{number}: ignored ({e}): {line!r}")
+                continue
+            ranges.append((start, count, owner, number))
+        ranges.sort()
+        overlapping = set()
+        for (s1, c1, _, n1), (s2, _, _, n2) in zip(ranges, ranges[1:]):
+            if s2 < s1 + c1:
+                overlapping.update((n1, n2))
+        for number in sorted(overlapping):
+            self._warn(f"{self.path}:{number}: ignored (its range overlaps another)")
+        return [(s, c, o) for s, c, o, n in ranges if n not in overlapping]
 
 
 class BackendUnusable(Exception):
@@ -167,6 +246,35 @@ class PermissionDenied(BackendUnusable):
     )
 
 
+class TooManyForUser(BackendUnusable):
+    cause = "too-many"
+    status = 429
+    template = (
+        "docker-router allows user {user} (uid {uid}) at most {detail} "
+        "connections at once; close some (idle `docker events`, `logs -f` or "
+        "attach sessions) and try again ({path})."
+    )
+
+
+class TooManyInTotal(BackendUnusable):
+    cause = "too-many"
+    status = 429
+    template = (
+        "docker-router is serving its limit of {detail} connections, so it "
+        "cannot take this one for user {user} (uid {uid}, {path}) now; try "
+        "again in a moment."
+    )
+
+
+class RouterOutOfDescriptors(BackendUnusable):
+    cause = "router-busy"
+    status = 503
+    template = (
+        "docker-router has run out of file descriptors ({detail}) and cannot "
+        "connect user {user} (uid {uid}) to {path} now; try again in a moment."
+    )
+
+
 def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
     """
     The security boundary: the process listening at the other end of the
@@ -203,6 +311,8 @@ def explainConnectFailure(
         if _isNonSocket(backend.path):
             return NotASocket(backend)
         return DaemonRefuses(backend)
+    if number in (errno.EMFILE, errno.ENFILE):
+        return RouterOutOfDescriptors(backend, os.strerror(number))
     if number in (errno.EACCES, errno.EPERM):
         return PermissionDenied(backend, os.strerror(number))
     if number in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):

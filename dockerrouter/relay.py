@@ -19,7 +19,7 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -27,6 +27,8 @@ from dockerrouter.backends import (
     Backend,
     BackendResolver,
     BackendUnusable,
+    TooManyForUser,
+    TooManyInTotal,
     explainConnectFailure,
     verifyDaemon,
 )
@@ -58,7 +60,7 @@ class ClientProtocol(Protocol):
     def __init__(self, server: "ServerProtocol") -> None:
         self.server = server
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.server.backendLost(self, reason)
 
 
@@ -98,8 +100,12 @@ class ServerProtocol(Protocol):
         self.transport.pauseProducing()
         self.startedAt = self.factory.reactor.seconds()
         self.client = peerCredentials(self.transport.getHandle())
-        self.factory.relays.add(self)
         self.backend = self.factory.resolver.resolve(self.client)
+        try:
+            self.factory.admit(self)
+        except BackendUnusable as reason:
+            self._reject(reason)
+            return
         self._connectBy = self.startedAt + self.factory.connectTimeout
         self._connect()
 
@@ -190,7 +196,7 @@ class ServerProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass  # the responder half-closed after its answer
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._clientGone = True
         if self._connecting is not None:
             self._connecting.cancel()
@@ -224,7 +230,6 @@ class ServerProtocol(Protocol):
         self._openSides -= 1
         if self._openSides:
             return
-        self.factory.relays.discard(self)
         splicer = self._splicer
         self.log.info(
             CONNECTION_DONE,
@@ -237,7 +242,7 @@ class ServerProtocol(Protocol):
             bytesFromDocker=splicer.fromDocker if splicer else 0,
             end=self.ended or "closed",
         )
-        self.factory.relayEnded(self)
+        self.factory.release(self)
 
 
 class RouterFactory(Factory):
@@ -251,15 +256,47 @@ class RouterFactory(Factory):
     # Asked per connection, not remembered: twistd forks after makeService.
     routerPid = staticmethod(os.getpid)
 
-    def __init__(self, reactor, resolver: BackendResolver, connectTimeout: float) -> None:
+    def __init__(
+        self,
+        reactor,
+        resolver: BackendResolver,
+        connectTimeout: float,
+        maxConnections: Optional[int] = None,
+        maxConnectionsPerUser: Optional[int] = None,
+    ) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.connectTimeout = connectTimeout
+        self.maxConnections = maxConnections
+        self.maxConnectionsPerUser = maxConnectionsPerUser
         self.pipes = PipePool()
         self.relays: Set[ServerProtocol] = set()
+        self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
 
-    def relayEnded(self, relay: ServerProtocol) -> None:
+    def admit(self, relay: ServerProtocol) -> None:
+        """
+        Count a new connection against its user's cap and the total cap, so
+        that no user can starve the others or the host.  Rejected ones count
+        too while they are being answered.
+
+        @raise BackendUnusable: over a cap.
+        """
+        uid = relay.backend.uid
+        self.relays.add(relay)
+        self._perUser[uid] = held = self._perUser.get(uid, 0) + 1
+        if self.maxConnections is not None and len(self.relays) > self.maxConnections:
+            raise TooManyInTotal(relay.backend, str(self.maxConnections))
+        if self.maxConnectionsPerUser is not None and held > self.maxConnectionsPerUser:
+            raise TooManyForUser(relay.backend, str(self.maxConnectionsPerUser))
+
+    def release(self, relay: ServerProtocol) -> None:
+        """A connection has ended: uncount it, and tell a waiting drain."""
+        self.relays.discard(relay)
+        uid = relay.backend.uid
+        self._perUser[uid] -= 1
+        if not self._perUser[uid]:
+            del self._perUser[uid]
         if not self.relays:
             waiting, self._whenIdle = self._whenIdle, []
             for d in waiting:

@@ -14,7 +14,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from dockerrouter.backends import DEFAULT_TEMPLATE, BackendResolver
+from dockerrouter.backends import DEFAULT_TEMPLATE, BackendResolver, SubordinateIds
+from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
 from dockerrouter.relay import RouterFactory
 
@@ -29,6 +30,13 @@ def _positive(value: str) -> float:
     number = float(value)
     if not number > 0:
         raise ValueError(f"{value} is not a positive number")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not a positive whole number")
     return number
 
 
@@ -68,6 +76,31 @@ class Options(usage.Options):
             "Seconds live relays may finish after SIGTERM before they are cut.",
             _positive,
         ],
+        [
+            "max-connections-per-user",
+            None,
+            1024,
+            "Connections one user may hold at once; more get HTTP 429.",
+            _count,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Connections in total; more get HTTP 429. "
+            "[default: what the descriptor limit allows]",
+            _count,
+        ],
+        [
+            "subuid-file",
+            None,
+            "/etc/subuid",
+            "Subordinate uid ranges: a uid in a user's range (a process in "
+            "their rootless container) is routed to that user's daemon.",
+        ],
+    ]
+    optFlags = [
+        ["no-subuid", None, "Route subordinate uids by their own number."],
     ]
 
     def __init__(self) -> None:
@@ -126,10 +159,12 @@ class _ListeningService(StreamServerEndpointService):
     def __init__(self, description: str, reactor, factory: RouterFactory) -> None:
         super().__init__(serverFromString(reactor, withBacklog(description)), factory)
         self.description = description
+        self._reactor = reactor
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
+            AcceptBackoff(self._reactor, self._waitingForPort.result)
         except CannotListenError as e:
             reason = e.socketError
             if reason == "Cannot acquire lock":
@@ -185,10 +220,22 @@ class _DrainService(Service):
 def makeService(options: Options, reactor: Optional[object] = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    log = RouterLogger()
+    before, limit = raiseDescriptorLimit()
+    log.info(
+        "open file limit: {limit} (raised from {before})" if before != limit else "open file limit: {limit}",
+        limit=limit,
+        before=before,
+    )
+    subordinates = None
+    if not options["no-subuid"]:
+        subordinates = SubordinateIds(options["subuid-file"], warn=lambda text: log.warn("{message}", message=text))
     factory = RouterFactory(
         reactor,
-        BackendResolver(options["user-socket"]),
+        BackendResolver(options["user-socket"], subordinates=subordinates),
         connectTimeout=options["connect-timeout"],
+        maxConnections=options["max-connections"] or connectionsFor(limit),
+        maxConnectionsPerUser=options["max-connections-per-user"],
     )
     top = MultiService()
     _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)

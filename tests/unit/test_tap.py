@@ -49,9 +49,18 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse, "--shutdown-timeout", "soon")
 
 
+class _ListeningReactor(MemoryReactor):
+    """A MemoryReactor whose ports have the listening socket the router guards."""
+
+    def listenUNIX(self, *args, **kwargs):
+        port = super().listenUNIX(*args, **kwargs)
+        port.socket = object()
+        return port
+
+
 class ServiceTests(SynchronousTestCase):
     def test_listensOnEachEndpointWithBacklog(self) -> None:
-        reactor = MemoryReactor()
+        reactor = _ListeningReactor()
         path = self.mktemp()
         options = parse("--listen", f"unix:{path}:mode=666", "--listen", "unix:b.sock:backlog=7")
         service = makeService(options, reactor=reactor)

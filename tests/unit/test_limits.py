@@ -1,0 +1,208 @@
+"""
+Caps per user and in total, subordinate uid ranges, and running out of
+descriptors.
+"""
+
+import errno
+import os
+import resource
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerrouter.backends import BackendResolver, SubordinateIds
+from dockerrouter.credentials import Credentials
+from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
+from dockerrouter.relay import RouterFactory
+from tests.unit.doubles import PeerTransport
+
+
+class CapTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.factory = RouterFactory(
+            self.reactor,
+            BackendResolver("/run/user/{uid}/docker.sock", lookupName=str),
+            connectTimeout=5,
+            maxConnections=5,
+            maxConnectionsPerUser=2,
+        )
+
+    def connect(self, uid: int):
+        server = self.factory.buildProtocol(None)
+        transport = PeerTransport(Credentials(pid=1, uid=uid, gid=uid))
+        server.makeConnection(transport)
+        if server._responder:
+            server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
+        return server, transport
+
+    def test_perUser(self) -> None:
+        """
+        A user over their cap is told so at once (HTTP 429 naming the limit)
+        without a backend connection; other users are not affected.
+        """
+        self.connect(1000)
+        self.connect(1000)
+        attempts = len(self.reactor.unixClients)
+        with capturedLogs() as events:
+            third, transport = self.connect(1000)
+        self.assertEqual(len(self.reactor.unixClients), attempts)
+        self.assertIn(b"429 Too Many Requests", transport.value())
+        self.assertIn(b"at most 2 connections", transport.value())
+        self.assertEqual([e.get("cause") for e in events if "cause" in e], ["too-many"])
+        _, other = self.connect(1001)
+        self.assertEqual(other.value(), b"")
+        self.assertEqual(len(self.reactor.unixClients), attempts + 1)
+
+    def test_closingMakesRoom(self) -> None:
+        first, _ = self.connect(1000)
+        self.connect(1000)
+        first.abort("test")
+        first.connectionLost()
+        _, transport = self.connect(1000)
+        self.assertEqual(transport.value(), b"")
+
+    def test_total(self) -> None:
+        for uid in range(1000, 1005):
+            self.connect(uid)
+        _, transport = self.connect(2000)
+        self.assertIn(b"429 Too Many Requests", transport.value())
+        self.assertIn(b"its limit of 5 connections", transport.value())
+
+    def test_defaultTotalFollowsDescriptors(self) -> None:
+        self.assertEqual(connectionsFor(20000), 9950)
+        self.assertEqual(connectionsFor(10), 1)
+
+
+class SubordinateIdTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.warnings: list[str] = []
+        self.ids = SubordinateIds(self.path, self.warnings.append)
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+        # A new inode each time, as editors and usermod write it.
+        os.utime(self.path, ns=(0, len(self.warnings) + os.stat(self.path).st_ino))
+
+    def test_owner(self) -> None:
+        self.write("root:100000:65536\n1000:165536:65536\n")
+        self.assertEqual(self.ids.owner(100000), 0)
+        self.assertEqual(self.ids.owner(165536 + 65535), 1000)
+        self.assertEqual(self.ids.owner(165536 + 65536), 165536 + 65536)
+        self.assertEqual(self.ids.owner(99999), 99999)
+        self.assertEqual(self.ids.owner(1000), 1000)
+        self.assertEqual(self.warnings, [])
+
+    def test_brokenAndOverlapping(self) -> None:
+        self.write(
+            "1000:100000:65536\n"
+            "nonsense\n"
+            "nosuchuser-xyz:300000:10\n"
+            "1001:150000:65536\n"
+            "1002:400000:65536\n"
+        )
+        self.assertEqual(self.ids.owner(100001), 100001)
+        self.assertEqual(self.ids.owner(150001), 150001)
+        self.assertEqual(self.ids.owner(400001), 1002)
+        self.assertEqual(len(self.warnings), 4)
+        self.assertTrue(any(":2: ignored" in w for w in self.warnings))
+        self.assertTrue(any("overlaps" in w for w in self.warnings))
+
+    def test_reReadWhenChanged(self) -> None:
+        self.write("1000:100000:65536\n")
+        self.assertEqual(self.ids.owner(100001), 1000)
+        self.write("1000:100000:65536\n1001:200000:65536\n")
+        self.assertEqual(self.ids.owner(200001), 1001)
+
+    def test_missingFile(self) -> None:
+        self.assertEqual(self.ids.owner(100001), 100001)
+
+    def test_rootNeverMaps(self) -> None:
+        self.write("1000:0:65536\n")
+        self.assertEqual(self.ids.owner(0), 0)
+
+    def test_resolverRoutesToOwner(self) -> None:
+        """
+        A process in alice's rootless container reaches alice's daemon, which
+        must run as alice.
+        """
+        self.write("1000:100000:65536\n")
+        resolver = BackendResolver(
+            "/run/user/{uid}/{user}.sock", lookupName={1000: "alice"}.get, subordinates=self.ids
+        )
+        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999))
+        self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))
+
+
+class _FakePort:
+    def __init__(self) -> None:
+        self.socket = self
+        self.reading = True
+        self.connected = True
+        self.failWith = errno.EMFILE
+
+    def accept(self):
+        raise OSError(self.failWith, os.strerror(self.failWith))
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def getHost(self):
+        class Address:
+            name = "/run/docker.sock"
+
+        return Address()
+
+
+class AcceptBackoffTests(SynchronousTestCase):
+    def test_pausesWarnsOnceAndResumes(self) -> None:
+        clock = Clock()
+        port = _FakePort()
+        backoff = AcceptBackoff(clock, port, interval=0.5)
+        with capturedLogs() as events:
+            for _ in range(3):
+                with self.assertRaises(BlockingIOError):
+                    port.socket.accept()
+        self.assertFalse(port.reading)
+        self.assertEqual(len(events), 1)
+        self.assertIn("EMFILE", events[0]["error"])
+        clock.advance(0.5)
+        self.assertTrue(port.reading)
+        self.assertEqual(backoff.interval, 0.5)
+
+    def test_otherErrorsPassThrough(self) -> None:
+        port = _FakePort()
+        port.failWith = errno.EINVAL
+        AcceptBackoff(Clock(), port)
+        with self.assertRaises(OSError) as caught:
+            port.socket.accept()
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+        self.assertTrue(port.reading)
+
+    def test_stoppedPortStaysStopped(self) -> None:
+        clock = Clock()
+        port = _FakePort()
+        AcceptBackoff(clock, port)
+        self.assertRaises(BlockingIOError, port.socket.accept)
+        port.connected = False
+        clock.advance(1)
+        self.assertFalse(port.reading)
+
+
+class DescriptorLimitTests(SynchronousTestCase):
+    def test_raisesSoftToHard(self) -> None:
+        original = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, original)
+        soft, hard = original
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        before, after = raiseDescriptorLimit()
+        self.assertEqual(before, min(soft, 256))
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], after)
+        self.assertEqual(after, hard if hard != resource.RLIM_INFINITY else after)
