@@ -14,7 +14,6 @@ import stat
 from typing import Callable, ClassVar, Optional
 
 from attrs import frozen
-from twisted.internet import error
 
 from dockerrouter.credentials import Credentials
 
@@ -291,19 +290,11 @@ def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
         raise WrongOwner(backend, str(daemon.uid))
 
 
-def explainConnectFailure(
-    backend: Backend, reason: BaseException, timeout: float
-) -> BackendUnusable:
+def explainConnectFailure(backend: Backend, reason: OSError) -> BackendUnusable:
     """
     Turn a failed connect into the reason the user should read.
     """
-    if isinstance(reason, BackendUnusable):
-        return reason
-    if isinstance(reason, (error.TimeoutError, error.ConnectingCancelledError)):
-        return ConnectTimeout(backend, f"{timeout:g}")
-    number = getattr(reason, "osError", None)
-    if number is None and isinstance(reason, OSError):
-        number = reason.errno
+    number = reason.errno
     if number == errno.ENOENT:
         return NoDaemon(backend)
     if number == errno.ECONNREFUSED:
@@ -315,9 +306,7 @@ def explainConnectFailure(
         return RouterOutOfDescriptors(backend, os.strerror(number))
     if number in (errno.EACCES, errno.EPERM):
         return PermissionDenied(backend, os.strerror(number))
-    if number in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
-        return BackendUnusable(backend, os.strerror(number))
-    return BackendUnusable(backend, str(reason) or type(reason).__name__)
+    return BackendUnusable(backend, os.strerror(number) if number else str(reason))
 
 
 def _isNonSocket(path: str) -> bool:

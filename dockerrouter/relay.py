@@ -4,20 +4,20 @@ between them.
 
 The L{ServerProtocol} owns the connection from start to end: it reads the
 client's credentials, holds the client's bytes in the kernel until there is
-somewhere to send them, connects a L{ClientProtocol} to the backend, verifies
-the daemon it reached, and only then hands both sockets to a L{Splicer},
-which moves the bytes.  When the backend can't be used, an L{ErrorResponder}
-answers instead.  Where the backend is and what makes it acceptable is the
-resolver's and C{verifyDaemon}'s business; this module knows neither paths
-nor users.
+somewhere to send them, connects to the backend, verifies the daemon it
+reached, and only then hands both sockets to a L{Splicer}, which moves the
+bytes inside the kernel.  When the backend can't be used, an
+L{ErrorResponder} answers instead.  Where the backend is and what makes it
+acceptable is the resolver's and C{verifyDaemon}'s business; this module
+knows neither paths nor users.
 """
 
 import os
+import socket
 from typing import Optional, Set
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from dockerrouter.backends import (
     Backend,
     BackendResolver,
     BackendUnusable,
+    ConnectTimeout,
     TooManyForUser,
     TooManyInTotal,
     explainConnectFailure,
@@ -37,47 +38,36 @@ from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger
 from dockerrouter.splice import PipePool, Splicer
 
-# A daemon whose listen backlog is full makes a non-blocking Unix connect fail
-# with EAGAIN, which Twisted reports as a hang-up; try again until the
-# connect timeout, as a blocking connect would have waited.
+# How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
 
 
-def _backlogFull(reason: Failure) -> bool:
-    """Did a connect fail because the daemon's listen backlog is full?"""
-    if not reason.check(error.ConnectError) or not reason.value.args:
-        return False
-    cause = reason.value.args[0]
-    return isinstance(cause, Failure) and cause.check(error.ConnectionDone) is not None
-
-
-class ClientProtocol(Protocol):
+def connectUnix(path: str) -> socket.socket:
     """
-    The router's connection to a user's daemon.  Its bytes are the
-    L{Splicer}'s; the protocol only reports the end.
+    Connect a non-blocking Unix stream socket to C{path}.
+
+    A Unix connect never waits: it succeeds at once, or fails at once,
+    with C{BlockingIOError} (EAGAIN) when the listener's backlog is full.
+    So this is done here rather than through Twisted's connector, which
+    would cost a transport per relay and reports EAGAIN as a hang-up.
     """
-
-    def __init__(self, server: "ServerProtocol") -> None:
-        self.server = server
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.server.backendLost(self, reason)
-
-
-class _BackendFactory(Factory):
-    noisy = False
-
-    def __init__(self, server: "ServerProtocol") -> None:
-        self.server = server
-
-    def buildProtocol(self, addr: object) -> ClientProtocol:
-        return ClientProtocol(self.server)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @implementer(IHalfCloseableProtocol)
 class ServerProtocol(Protocol):
     """
     The client's connection to the router, and the owner of the relay.
+
+    Twisted's transport carries the connection until it is relayed (and a
+    rejected one to its end); a relayed one belongs to the L{Splicer}, and
+    the transport, paused since C{connectionMade}, is let go.
     """
 
     log = RouterLogger()
@@ -86,13 +76,10 @@ class ServerProtocol(Protocol):
     client: Credentials
     backend: Backend
     ended: Optional[str] = None
-    _daemon: Optional[ClientProtocol] = None
     _splicer: Optional[Splicer] = None
-    _connecting: Optional[Deferred] = None
     _retry: Optional[IDelayedCall] = None
     _responder: Optional[ErrorResponder] = None
-    _clientGone = False
-    _openSides = 1
+    _recorded = False
 
     def connectionMade(self) -> None:
         # Don't read until there is somewhere to send it: the kernel keeps
@@ -111,51 +98,34 @@ class ServerProtocol(Protocol):
 
     def _connect(self) -> None:
         self._retry = None
-        endpoint = UNIXClientEndpoint(
-            self.factory.reactor,
-            self.backend.path,
-            timeout=max(self._connectBy - self.factory.reactor.seconds(), 0.001),
-        )
-        self._connecting = endpoint.connect(_BackendFactory(self))
-        self._connecting.addCallbacks(self._backendConnected, self._backendFailed)
-
-    def _backendConnected(self, daemon: ClientProtocol) -> None:
-        self._connecting = None
-        self._openSides += 1
-        self._daemon = daemon
         try:
-            verifyDaemon(
-                self.backend,
-                peerCredentials(daemon.transport.getHandle()),
-                self.factory.routerPid(),
-            )
+            daemon = self.factory.connectUnix(self.backend.path)
+        except BlockingIOError:
+            # The daemon's listen backlog is full: wait for room, as a
+            # blocking connect would, up to the connect timeout.
+            if self.factory.reactor.seconds() < self._connectBy:
+                self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
+            else:
+                self._reject(ConnectTimeout(self.backend, f"{self.factory.connectTimeout:g}"))
+            return
+        except OSError as e:
+            self._reject(explainConnectFailure(self.backend, e))
+            return
+        try:
+            verifyDaemon(self.backend, peerCredentials(daemon), self.factory.routerPid())
         except BackendUnusable as reason:
-            daemon.transport.abortConnection()
+            daemon.close()
             self._reject(reason)
             return
-        # From here the splicer reads and writes both sockets itself.
-        daemon.transport.stopReading()
         self._splicer = Splicer(
             self.factory.reactor,
             self.factory.pipes,
             self.transport.getHandle(),
-            daemon.transport.getHandle(),
+            daemon,
             self._relayEnded,
         )
+        self.transport = None
         self._splicer.start()
-
-    def _backendFailed(self, reason: Failure) -> None:
-        self._connecting = None
-        if self._clientGone:
-            return  # the client left (or shutdown aborted it) while we waited
-        if _backlogFull(reason):
-            if self.factory.reactor.seconds() < self._connectBy:
-                self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
-                return
-            reason = Failure(error.TimeoutError())
-        self._reject(
-            explainConnectFailure(self.backend, reason.value, self.factory.connectTimeout)
-        )
 
     def _reject(self, reason: BackendUnusable) -> None:
         self._endAs("rejected:" + reason.cause)
@@ -168,26 +138,20 @@ class ServerProtocol(Protocol):
             cause=reason.cause,
             message=reason.message,
         )
-        if self._clientGone:
-            return
         self._responder = ErrorResponder(
             self.factory.reactor, self.transport, reason.status, reason.message
         )
         self.transport.resumeProducing()
 
     def _relayEnded(self, failure: Optional[str]) -> None:
-        """Both directions ended (C{None}) or one side failed: close both."""
+        """Both directions ended (C{None}), or one side failed."""
+        self._splicer.close()
         self._endAs(failure or "closed")
-        if failure is None:
-            self.transport.loseConnection()
-            self._daemon.transport.loseConnection()
-        else:
-            self.transport.abortConnection()
-            self._daemon.transport.abortConnection()
+        self._record()
+
+    # Twisted reads a connection only while it is being rejected.
 
     def dataReceived(self, data: bytes) -> None:
-        # Only a rejected client is read through Twisted; a relayed one is
-        # the splicer's.
         self._responder.dataReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -197,39 +161,33 @@ class ServerProtocol(Protocol):
         pass  # the responder half-closed after its answer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._clientGone = True
-        if self._connecting is not None:
-            self._connecting.cancel()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._responder is not None:
             self._responder.connectionLost()
         if not reason.check(error.ConnectionDone):
             self._endAs("client:" + type(reason.value).__name__)
-        self._sideClosed()
-
-    def backendLost(self, daemon: ClientProtocol, reason: Failure) -> None:
-        if not reason.check(error.ConnectionDone):
-            self._endAs("docker:" + type(reason.value).__name__)
-        self._sideClosed()
+        self._record()
 
     def abort(self, why: str) -> None:
-        """End this connection now, both sides (shutdown ran out of time)."""
+        """End this connection now (shutdown ran out of time)."""
         self._endAs(why)
         if self._splicer is not None:
             self._splicer.stop()
-            self._daemon.transport.abortConnection()
-        self.transport.abortConnection()
+            self._relayEnded(why)
+        else:
+            self.transport.abortConnection()
 
     def _endAs(self, why: str) -> None:
         """Remember how the connection ended; the first cause is the cause."""
         if self.ended is None:
             self.ended = why
 
-    def _sideClosed(self) -> None:
-        self._openSides -= 1
-        if self._openSides:
+    def _record(self) -> None:
+        """The one record of a finished connection."""
+        if self._recorded:
             return
+        self._recorded = True
         splicer = self._splicer
         self.log.info(
             CONNECTION_DONE,
@@ -247,14 +205,15 @@ class ServerProtocol(Protocol):
 
 class RouterFactory(Factory):
     """
-    Builds a L{ServerProtocol} per client and keeps the live ones, so that a
-    shutdown can let them finish.
+    Builds a L{ServerProtocol} per client, counts the live ones against the
+    caps, and lets a shutdown wait for them.
     """
 
     noisy = False
     protocol = ServerProtocol
     # Asked per connection, not remembered: twistd forks after makeService.
     routerPid = staticmethod(os.getpid)
+    connectUnix = staticmethod(connectUnix)
 
     def __init__(
         self,
@@ -292,7 +251,9 @@ class RouterFactory(Factory):
 
     def release(self, relay: ServerProtocol) -> None:
         """A connection has ended: uncount it, and tell a waiting drain."""
-        self.relays.discard(relay)
+        if relay not in self.relays:
+            return
+        self.relays.remove(relay)
         uid = relay.backend.uid
         self._perUser[uid] -= 1
         if not self._perUser[uid]:

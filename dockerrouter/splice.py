@@ -173,6 +173,12 @@ class Splicer:
                 _closePipe(direction.pipe)
                 direction.pipe = None
 
+    def close(self) -> None:
+        """Stop, and close both sockets."""
+        self.stop()
+        self._client.sock.close()
+        self._daemon.sock.close()
+
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
             try:

@@ -19,6 +19,9 @@ class FakeSocket:
     def fileno(self) -> int:
         return self.fd
 
+    def close(self) -> None:
+        pass
+
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert (level, option, size) == (socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         c = self.credentials

@@ -5,7 +5,6 @@ From identity to backend, the security rule, and the reasons a user reads.
 import errno
 import os
 
-from twisted.internet import error
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import (
@@ -78,18 +77,18 @@ class VerifyDaemonTests(SynchronousTestCase):
 
 
 class ExplainTests(SynchronousTestCase):
-    def explain(self, reason: BaseException, backend: Backend = ALICE) -> BackendUnusable:
-        return explainConnectFailure(backend, reason, timeout=5)
+    def explain(self, number: int, backend: Backend = ALICE) -> BackendUnusable:
+        return explainConnectFailure(backend, OSError(number, os.strerror(number)))
 
     def test_missing(self) -> None:
-        reason = self.explain(error.ConnectError(errno.ENOENT, "No such file"))
+        reason = self.explain(errno.ENOENT)
         self.assertIsInstance(reason, NoDaemon)
         self.assertEqual(reason.cause, "missing")
         for part in ("systemctl --user start docker", "--force", "loginctl enable-linger alice"):
             self.assertIn(part, reason.message)
 
     def test_refused(self) -> None:
-        reason = self.explain(error.ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+        reason = self.explain(errno.ECONNREFUSED)
         self.assertIsInstance(reason, DaemonRefuses)
 
     def test_notASocket(self) -> None:
@@ -99,21 +98,19 @@ class ExplainTests(SynchronousTestCase):
         path = self.mktemp()
         open(path, "w").close()
         backend = Backend(path=path, uid=1000, user="alice")
-        reason = self.explain(error.ConnectionRefusedError(errno.ECONNREFUSED, "x"), backend)
+        reason = self.explain(errno.ECONNREFUSED, backend)
         self.assertIsInstance(reason, NotASocket)
 
-    def test_timeout(self) -> None:
-        reason = self.explain(error.TimeoutError())
-        self.assertIsInstance(reason, ConnectTimeout)
-        self.assertIn("within 5 seconds", reason.message)
-        self.assertEqual(reason.status, 504)
+    def test_outOfDescriptors(self) -> None:
+        reason = self.explain(errno.EMFILE)
+        self.assertEqual((reason.cause, reason.status), ("router-busy", 503))
 
     def test_permission(self) -> None:
-        reason = self.explain(error.ConnectError(errno.EACCES, "denied"))
+        reason = self.explain(errno.EACCES)
         self.assertIsInstance(reason, PermissionDenied)
 
     def test_other(self) -> None:
-        reason = self.explain(error.ConnectError(errno.ELOOP, "loop"))
+        reason = self.explain(errno.ELOOP)
         self.assertEqual(reason.cause, "unusable")
         self.assertIn(os.strerror(errno.ELOOP), reason.message)
 

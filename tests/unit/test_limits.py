@@ -16,7 +16,7 @@ from dockerrouter.backends import BackendResolver, SubordinateIds
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import PeerTransport
+from tests.unit.doubles import FakeSocket, PeerTransport
 
 
 class CapTests(SynchronousTestCase):
@@ -29,6 +29,15 @@ class CapTests(SynchronousTestCase):
             maxConnections=5,
             maxConnectionsPerUser=2,
         )
+        self.factory.routerPid = lambda: -1
+        self.connects: list[str] = []
+        self.factory.connectUnix = self.connectUnix
+
+    def connectUnix(self, path: str) -> FakeSocket:
+        """A daemon that runs as the uid its path names."""
+        self.connects.append(path)
+        uid = int(path.split("/")[3])
+        return FakeSocket(Credentials(pid=2, uid=uid, gid=uid), fd=100 + len(self.connects))
 
     def connect(self, uid: int):
         server = self.factory.buildProtocol(None)
@@ -45,22 +54,21 @@ class CapTests(SynchronousTestCase):
         """
         self.connect(1000)
         self.connect(1000)
-        attempts = len(self.reactor.unixClients)
+        attempts = len(self.connects)
         with capturedLogs() as events:
             third, transport = self.connect(1000)
-        self.assertEqual(len(self.reactor.unixClients), attempts)
+        self.assertEqual(len(self.connects), attempts)
         self.assertIn(b"429 Too Many Requests", transport.value())
         self.assertIn(b"at most 2 connections", transport.value())
         self.assertEqual([e.get("cause") for e in events if "cause" in e], ["too-many"])
         _, other = self.connect(1001)
         self.assertEqual(other.value(), b"")
-        self.assertEqual(len(self.reactor.unixClients), attempts + 1)
+        self.assertEqual(len(self.connects), attempts + 1)
 
     def test_closingMakesRoom(self) -> None:
         first, _ = self.connect(1000)
         self.connect(1000)
         first.abort("test")
-        first.connectionLost()
         _, transport = self.connect(1000)
         self.assertEqual(transport.value(), b"")
 
