@@ -417,7 +417,9 @@ RELAYS: dict[str, RelayKind] = {
         "router",
         "docker-router under twistd",
         lambda s, path, b: [
-            s.twistd, "-n", "--pidfile=", "--logfile=/dev/null", "docker-router",
+            # "-": into the run's log file; twistd rotates a named log file at
+            # 1 MB, which for /dev/null would rename the device away.
+            s.twistd, "-n", "--pidfile=", "--logfile=-", "docker-router",
             "--listen", f"unix:{path}:mode=666:lockfile=1", "--user-socket", b.template,
             *s.routerArgs,
         ],

@@ -46,6 +46,30 @@ def userName(uid: int) -> str:
         return str(uid)
 
 
+class RecentNames:
+    """
+    L{userName}, remembered for C{ttl} seconds: an NSS lookup (a scan of
+    C{/etc/passwd}, or a round trip to LDAP) per connection would cost more
+    than the relay, and a renamed user may wait a minute for their new path.
+    """
+
+    def __init__(self, clock: Callable[[], float], ttl: float = 60.0) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._names: dict[int, tuple[float, str]] = {}
+
+    def __call__(self, uid: int) -> str:
+        now = self._clock()
+        known = self._names.get(uid)
+        if known is not None and known[0] > now:
+            return known[1]
+        if len(self._names) > 100_000:
+            self._names.clear()
+        name = userName(uid)
+        self._names[uid] = (now + self._ttl, name)
+        return name
+
+
 class BackendResolver:
     """
     Fills the socket path template for a client: its own uid's, or, for a

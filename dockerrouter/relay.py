@@ -20,6 +20,7 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,7 +36,7 @@ from dockerrouter.backends import (
 )
 from dockerrouter.credentials import Credentials, peerCredentials
 from dockerrouter.errors import ErrorResponder
-from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger
+from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
 
 # How soon to try again a daemon whose listen backlog is full.
@@ -129,7 +130,9 @@ class ServerProtocol(Protocol):
 
     def _reject(self, reason: BackendUnusable) -> None:
         self._endAs("rejected:" + reason.cause)
-        self.log.warn(
+        emitFormatted(
+            self.log,
+            LogLevel.warn,
             REJECTED,
             uid=self.client.uid,
             user=self.backend.user,
@@ -189,7 +192,9 @@ class ServerProtocol(Protocol):
             return
         self._recorded = True
         splicer = self._splicer
-        self.log.info(
+        emitFormatted(
+            self.log,
+            LogLevel.info,
             CONNECTION_DONE,
             uid=self.client.uid,
             user=self.backend.user,
@@ -211,9 +216,16 @@ class RouterFactory(Factory):
 
     noisy = False
     protocol = ServerProtocol
-    # Asked per connection, not remembered: twistd forks after makeService.
-    routerPid = staticmethod(os.getpid)
     connectUnix = staticmethod(connectUnix)
+    _pid: Optional[int] = None
+
+    def startFactory(self) -> None:
+        # Here, not in __init__: twistd forks between the two.
+        self._pid = os.getpid()
+
+    def routerPid(self) -> int:
+        """This process's pid, which no backend daemon may have."""
+        return self._pid or os.getpid()
 
     def __init__(
         self,

@@ -87,13 +87,29 @@ class _End:
     direction, writable drains its incoming one.
     """
 
-    __slots__ = ("splicer", "sock", "fd", "name", "outgoing", "incoming")
+    __slots__ = ("splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing")
 
     def __init__(self, splicer: "Splicer", sock: socket.socket, name: str) -> None:
         self.splicer = splicer
         self.sock = sock
         self.fd = sock.fileno()
         self.name = name
+        self.reading = False
+        self.writing = False
+
+    # Kept here so that the reactor is only asked when something changes.
+
+    def read(self, wanted: bool) -> None:
+        if wanted is not self.reading:
+            self.reading = wanted
+            reactor = self.splicer._reactor
+            (reactor.addReader if wanted else reactor.removeReader)(self)
+
+    def write(self, wanted: bool) -> None:
+        if wanted is not self.writing:
+            self.writing = wanted
+            reactor = self.splicer._reactor
+            (reactor.addWriter if wanted else reactor.removeWriter)(self)
 
     def fileno(self) -> int:
         return self.fd
@@ -156,8 +172,11 @@ class Splicer:
 
     def start(self) -> None:
         self._running = True
-        self._reactor.addReader(self._client)
-        self._reactor.addReader(self._daemon)
+        self._client.read(True)
+        self._daemon.read(True)
+        # A client usually sends its request as soon as it has connected:
+        # take it now rather than after another turn of the reactor.
+        self._fill(self._up)
 
     def stop(self) -> None:
         """Stop relaying (without a word to C{ended}); the sockets stay open."""
@@ -165,8 +184,8 @@ class Splicer:
             return
         self._running = False
         for end in (self._client, self._daemon):
-            self._reactor.removeReader(end)
-            self._reactor.removeWriter(end)
+            end.read(False)
+            end.write(False)
         for direction in (self._up, self._down):
             if direction.pipe is not None:
                 # It may hold bytes; never lend it again.
@@ -193,7 +212,7 @@ class Splicer:
             return self._fail(d.source, errno.errorcode.get(e.errno, "OSError"))
         if n == 0:
             d.eof = True
-            self._reactor.removeReader(d.source)
+            d.source.read(False)
         d.pending += n
         d.count += n
         self._drain(d)
@@ -204,32 +223,34 @@ class Splicer:
                 d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 # The sink is full: stop reading the source until it drains.
-                self._reactor.removeReader(d.source)
-                self._reactor.addWriter(d.sink)
+                d.source.read(False)
+                d.sink.write(True)
                 return
             except OSError as e:
                 return self._fail(d.sink, errno.errorcode.get(e.errno, "OSError"))
-        self._reactor.removeWriter(d.sink)
+        d.sink.write(False)
         if d.pipe is not None:
             self._pool.give(d.pipe)
             d.pipe = None
         if d.eof:
             self._finish(d)
         elif self._running:
-            self._reactor.addReader(d.source)
+            d.source.read(True)
 
     def _finish(self, d: _Direction) -> None:
         """The source ended and everything reached the sink: half-close it."""
         if d.done:
             return
         d.done = True
+        if self._up.done and self._down.done:
+            # Both are about to be closed, which the peers see as EOF anyway.
+            self.stop()
+            self._ended(None)
+            return
         try:
             d.sink.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the sink is already gone; its own direction will say so
-        if self._up.done and self._down.done:
-            self.stop()
-            self._ended(None)
 
     def _fail(self, end: Optional[_End], what: str) -> None:
         if not self._running:

@@ -14,7 +14,12 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from dockerrouter.backends import DEFAULT_TEMPLATE, BackendResolver, SubordinateIds
+from dockerrouter.backends import (
+    DEFAULT_TEMPLATE,
+    BackendResolver,
+    RecentNames,
+    SubordinateIds,
+)
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
 from dockerrouter.relay import RouterFactory
@@ -232,7 +237,11 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         subordinates = SubordinateIds(options["subuid-file"], warn=lambda text: log.warn("{message}", message=text))
     factory = RouterFactory(
         reactor,
-        BackendResolver(options["user-socket"], subordinates=subordinates),
+        BackendResolver(
+            options["user-socket"],
+            lookupName=RecentNames(reactor.seconds),
+            subordinates=subordinates,
+        ),
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(limit),
         maxConnectionsPerUser=options["max-connections-per-user"],

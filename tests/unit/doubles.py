@@ -10,17 +10,24 @@ from dockerrouter.credentials import _UCRED, Credentials
 
 
 class FakeSocket:
-    """Answers C{SO_PEERCRED} with the credentials it was given."""
+    """
+    A connected socket (one end of a real, idle socketpair, so that the
+    relay's system calls work on it) that answers C{SO_PEERCRED} with the
+    credentials it was given.
+    """
 
-    def __init__(self, credentials: Credentials, fd: int) -> None:
+    def __init__(self, credentials: Credentials) -> None:
         self.credentials = credentials
-        self.fd = fd
+        self._sock, self._peer = socket.socketpair()
+        self._sock.setblocking(False)
+        self.fd = self._sock.fileno()
 
     def fileno(self) -> int:
         return self.fd
 
     def close(self) -> None:
-        pass
+        self._sock.close()
+        self._peer.close()
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert (level, option, size) == (socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -38,11 +45,10 @@ class PeerTransport(StringTransport):
     writeClosed = False
     aborted = False
     reading = True
-    _fds = iter(range(1000, 10**6))
 
     def __init__(self, credentials: Credentials) -> None:
         super().__init__()
-        self._socket = FakeSocket(credentials, next(self._fds))
+        self._socket = FakeSocket(credentials)
 
     def stopReading(self) -> None:
         self.reading = False

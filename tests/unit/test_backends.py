@@ -130,3 +130,19 @@ class ExplainTests(SynchronousTestCase):
             self.assertGreaterEqual(reason.status, 400)
             for part in ("alice", "1000", ALICE.path):
                 self.assertIn(part, reason.message)
+
+
+class RecentNamesTests(SynchronousTestCase):
+    def test_rememberedForAWhile(self) -> None:
+        from twisted.internet.task import Clock
+
+        from dockerrouter import backends
+
+        clock = Clock()
+        lookups: list[int] = []
+        self.patch(backends, "userName", lambda uid: lookups.append(uid) or f"user{len(lookups)}")
+        names = backends.RecentNames(clock.seconds, ttl=60)
+        self.assertEqual([names(1000), names(1000), names(1001)], ["user1", "user1", "user2"])
+        clock.advance(60)
+        self.assertEqual(names(1000), "user3")
+        self.assertEqual(lookups, [1000, 1001, 1000])

@@ -37,7 +37,7 @@ class CapTests(SynchronousTestCase):
         """A daemon that runs as the uid its path names."""
         self.connects.append(path)
         uid = int(path.split("/")[3])
-        return FakeSocket(Credentials(pid=2, uid=uid, gid=uid), fd=100 + len(self.connects))
+        return FakeSocket(Credentials(pid=2, uid=uid, gid=uid))
 
     def connect(self, uid: int):
         server = self.factory.buildProtocol(None)

@@ -29,6 +29,7 @@ class FakeDaemonSocket(FakeSocket):
 
     def close(self) -> None:
         self.closed = True
+        super().close()
 
 
 class RelayTests(SynchronousTestCase):
@@ -50,7 +51,7 @@ class RelayTests(SynchronousTestCase):
         self.connects.append(path)
         if self.connectError is not None:
             raise self.connectError
-        sock = FakeDaemonSocket(self.daemon, fd=500 + len(self.connects))
+        sock = FakeDaemonSocket(self.daemon)
         self.daemons.append(sock)
         return sock
 
@@ -176,7 +177,7 @@ class DrainTests(SynchronousTestCase):
             self.reactor, BackendResolver("/x/{uid}"), connectTimeout=5
         )
         self.factory.routerPid = lambda: ROUTER_PID
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE, fd=7)
+        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)
 
     def relay(self) -> ServerProtocol:
         server = self.factory.buildProtocol(None)
@@ -203,7 +204,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.reactor.readers, set())
 
     def test_abortsOneBeingRejected(self) -> None:
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(Credentials(1, 0, 0), fd=8)
+        self.factory.connectUnix = lambda path: FakeDaemonSocket(Credentials(1, 0, 0))
         server = self.relay()
         transport = server.transport
         self.factory.drain(10)

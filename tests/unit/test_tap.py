@@ -4,7 +4,7 @@ The command line, the services it makes, and log levels on their way to syslog.
 
 import syslog
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -49,7 +49,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse, "--shutdown-timeout", "soon")
 
 
-class _ListeningReactor(MemoryReactor):
+class _ListeningReactor(MemoryReactorClock):
     """A MemoryReactor whose ports have the listening socket the router guards."""
 
     def listenUNIX(self, *args, **kwargs):
