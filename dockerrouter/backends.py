@@ -176,6 +176,8 @@ class BackendUnusable(Exception):
 
     cause: ClassVar[str] = "unusable"
     status: ClassVar[int] = 502
+    # Whether to read the request before answering (see ErrorResponder).
+    waitForRequest: ClassVar[bool] = True
     template: ClassVar[str] = (
         "docker-router cannot use {path} for user {user} (uid {uid}): "
         "{detail}."
@@ -272,6 +274,7 @@ class PermissionDenied(BackendUnusable):
 class TooManyForUser(BackendUnusable):
     cause = "too-many"
     status = 429
+    waitForRequest = False
     template = (
         "docker-router allows user {user} (uid {uid}) at most {detail} "
         "connections at once; close some (idle `docker events`, `logs -f` or "
@@ -282,6 +285,7 @@ class TooManyForUser(BackendUnusable):
 class TooManyInTotal(BackendUnusable):
     cause = "too-many"
     status = 429
+    waitForRequest = False
     template = (
         "docker-router is serving its limit of {detail} connections, so it "
         "cannot take this one for user {user} (uid {uid}, {path}) now; try "

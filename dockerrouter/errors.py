@@ -15,9 +15,10 @@ C{ECONNRESET}.
 import json
 from http import HTTPStatus
 
+from typing import Optional
+
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 
-_END_OF_HEAD = b"\r\n\r\n"
 
 
 def renderError(method: bytes, version: bytes, status: int, message: str) -> bytes:
@@ -41,62 +42,72 @@ class ErrorResponder:
     """
     Answers one client with one error, then ends the connection cleanly.
 
+    It answers as soon as it has the request line (the method says whether
+    a body may follow, the version how to answer), or after C{headTimeout}
+    if none comes, or at once when told not to wait: a client turned away
+    over a cap must not hold a descriptor while it makes up its mind.
+
     It is fed by the protocol that owns the client transport (which has
     already resumed reading): C{dataReceived} and C{readConnectionLost}.
     """
 
-    maxHeadBytes = 64 * 1024
-    headTimeout = 10.0
+    maxLineBytes = 8 * 1024
+    headTimeout = 5.0
     drainTimeout = 10.0
+    hastyDrainTimeout = 1.0
 
     def __init__(
-        self, reactor: IReactorTime, transport: ITransport, status: int, message: str
+        self,
+        reactor: IReactorTime,
+        transport: ITransport,
+        status: int,
+        message: str,
+        waitForRequest: bool = True,
     ) -> None:
+        self._reactor = reactor
         self._transport = transport
         self._status = status
         self._message = message
-        self._head = b""
+        self._line = b""
         self._answered = False
-        self._deadline: IDelayedCall = reactor.callLater(
-            self.headTimeout, self._answer
-        )
-        self._reactor = reactor
+        self._deadline: Optional[IDelayedCall] = None
+        if waitForRequest:
+            self._deadline = reactor.callLater(self.headTimeout, self._answer)
+        else:
+            self._answer(self.hastyDrainTimeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
-            return  # draining: the request body or a pipelined request
-        self._head += data
-        if _END_OF_HEAD in self._head or len(self._head) >= self.maxHeadBytes:
+            return  # draining: the rest of the request, a body, a pipelined one
+        self._line += data
+        if b"\n" in self._line or len(self._line) >= self.maxLineBytes:
             self._answer()
 
     def readConnectionLost(self) -> None:
         """The client sent all it will: answer now, or finish draining."""
         if self._answered:
-            self._finish()
+            self._stopTimer()
+            self._transport.loseConnection()
         else:
             self._answer()
 
     def connectionLost(self) -> None:
-        if self._deadline.active():
-            self._deadline.cancel()
+        self._stopTimer()
 
-    def _answer(self) -> None:
+    def _answer(self, drainTimeout: Optional[float] = None) -> None:
         self._answered = True
-        requestLine = self._head.split(b"\r\n", 1)[0].split()
+        requestLine = self._line.split(b"\n", 1)[0].split()
         method = requestLine[0] if requestLine else b"GET"
         version = requestLine[2] if len(requestLine) == 3 else b"HTTP/1.1"
-        self._head = b""
+        self._line = b""
         self._transport.write(renderError(method, version, self._status, self._message))
         self._transport.loseWriteConnection()
-        if self._deadline.active():
-            self._deadline.cancel()
+        self._stopTimer()
         # A client that neither reads nor closes must not hold us forever.
-        self._deadline = self._reactor.callLater(self.drainTimeout, self._abort)
+        self._deadline = self._reactor.callLater(
+            drainTimeout or self.drainTimeout, self._transport.abortConnection
+        )
 
-    def _finish(self) -> None:
-        if self._deadline.active():
+    def _stopTimer(self) -> None:
+        if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self._transport.loseConnection()
-
-    def _abort(self) -> None:
-        self._transport.abortConnection()

@@ -142,7 +142,11 @@ class ServerProtocol(Protocol):
             message=reason.message,
         )
         self._responder = ErrorResponder(
-            self.factory.reactor, self.transport, reason.status, reason.message
+            self.factory.reactor,
+            self.transport,
+            reason.status,
+            reason.message,
+            waitForRequest=reason.waitForRequest,
         )
         self.transport.resumeProducing()
 
@@ -248,18 +252,20 @@ class RouterFactory(Factory):
     def admit(self, relay: ServerProtocol) -> None:
         """
         Count a new connection against its user's cap and the total cap, so
-        that no user can starve the others or the host.  Rejected ones count
-        too while they are being answered.
+        that no user can starve the others or the host.  One turned away is
+        not counted (it is answered at once and gone within a second), so
+        a flood over the cap can't push anyone else over the total.
 
         @raise BackendUnusable: over a cap.
         """
         uid = relay.backend.uid
-        self.relays.add(relay)
-        self._perUser[uid] = held = self._perUser.get(uid, 0) + 1
-        if self.maxConnections is not None and len(self.relays) > self.maxConnections:
+        held = self._perUser.get(uid, 0)
+        if self.maxConnections is not None and len(self.relays) >= self.maxConnections:
             raise TooManyInTotal(relay.backend, str(self.maxConnections))
-        if self.maxConnectionsPerUser is not None and held > self.maxConnectionsPerUser:
+        if self.maxConnectionsPerUser is not None and held >= self.maxConnectionsPerUser:
             raise TooManyForUser(relay.backend, str(self.maxConnectionsPerUser))
+        self.relays.add(relay)
+        self._perUser[uid] = held + 1
 
     def release(self, relay: ServerProtocol) -> None:
         """A connection has ended: uncount it, and tell a waiting drain."""

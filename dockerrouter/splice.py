@@ -87,7 +87,9 @@ class _End:
     direction, writable drains its incoming one.
     """
 
-    __slots__ = ("splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing")
+    __slots__ = (
+        "splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing", "grown"
+    )
 
     def __init__(self, splicer: "Splicer", sock: socket.socket, name: str) -> None:
         self.splicer = splicer
@@ -96,6 +98,7 @@ class _End:
         self.name = name
         self.reading = False
         self.writing = False
+        self.grown = False
 
     # Kept here so that the reactor is only asked when something changes.
 
@@ -222,6 +225,13 @@ class Splicer:
             try:
                 d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
+                if not d.sink.grown:
+                    # A bulk transfer: let the kernel queue more per call, as
+                    # a C relay's larger buffers do; small exchanges never
+                    # get here and pay nothing for it.
+                    d.sink.grown = True
+                    d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHUNK)
+                    continue
                 # The sink is full: stop reading the source until it drains.
                 d.source.read(False)
                 d.sink.write(True)

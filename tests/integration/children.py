@@ -3,8 +3,8 @@ Small stdlib-only programs that the integration tests run as other users.
 
 Other uids may not be able to read the checkout (CI can clone it anywhere), so
 the harness reads this file itself and hands its text to C{python -I -c}.  The
-first argument is a JSON object naming the role (C{backend}, C{agent} or
-C{flipper}) and its settings.  Every role reports to the harness in JSON lines
+first argument is a JSON object naming the role (C{backend}, C{agent},
+C{flipper} or C{echoLoop}) and its settings.  Every role reports to the harness in JSON lines
 on stdout, so the harness can wait for facts instead of sleeping.
 
 The harness also imports this module for L{pattern} and L{patternDigest}, so
@@ -279,6 +279,88 @@ def _fillBacklog(path):
     raise RuntimeError("backlog of %s never filled" % (path,))
 
 
+def raiseNofile():
+    """
+    Lift our soft open-file limit to the hard one, for roles that hold
+    thousands of sockets; return the new soft limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _selectEcho(sock):
+    """
+    An echo server for thousands of connections in one thread (a thread each
+    would not scale): send back every byte, answer EOF with EOF, close when
+    both directions are done.
+    """
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ, None)
+    # Per connection: [bytes to send back, peer sent EOF].
+    state = {}
+    accepted = 0
+
+    def update(conn):
+        pending, eof = state[conn]
+        if pending:
+            events = selectors.EVENT_WRITE
+        elif eof:
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            drop(conn)
+            return
+        else:
+            events = selectors.EVENT_READ
+        selector.modify(conn, events, conn)
+
+    def drop(conn):
+        selector.unregister(conn)
+        del state[conn]
+        conn.close()
+
+    while True:
+        for key, events in selector.select():
+            if key.data is None:
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    conn.setblocking(False)
+                    state[conn] = [b"", False]
+                    selector.register(conn, selectors.EVENT_READ, conn)
+                    accepted += 1
+                    if accepted % 100 == 0:
+                        emit(event="accepted", total=accepted)
+                continue
+            conn = key.data
+            try:
+                if events & selectors.EVENT_READ and not state[conn][0]:
+                    data = conn.recv(CHUNK)
+                    if data:
+                        state[conn][0] = data
+                    else:
+                        state[conn][1] = True
+                if events & selectors.EVENT_WRITE and state[conn][0]:
+                    sent = conn.send(state[conn][0])
+                    state[conn][0] = state[conn][0][sent:]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                drop(conn)
+                continue
+            update(conn)
+
+
 def backend(conf):
     """
     Listen at C{conf["path"]} as whoever we run as, then serve each connection
@@ -300,6 +382,12 @@ def backend(conf):
         held = _fillBacklog(path)
         emit(event="ready", pid=os.getpid(), uid=os.getuid(), held=len(held))
         sys.stdin.read()  # Until the harness goes away.
+        return
+    if mode == "selectEcho":
+        raiseNofile()
+        sock.listen(conf.get("backlog", 4096))
+        emit(event="ready", pid=os.getpid(), uid=os.getuid())
+        _selectEcho(sock)
         return
     sock.listen(conf.get("backlog", 128))
     emit(event="ready", pid=os.getpid(), uid=os.getuid())
@@ -513,6 +601,271 @@ class Agent:
             return {"apiError": False, "error": errorName(e), "detail": repr(e)}
         return {"apiError": False, "error": None}
 
+    # Many connections from one client, for the load and hardening tests.
+
+    def op_holdMany(self, path, count, nonblocking=False, probe=True, timeout=60):
+        """
+        Open C{count} more connections and keep them open (blocking connects,
+        or non-blocking ones as the docker CLI makes, counting each errno).
+        With C{probe}, send one byte on each and read one back: an echo
+        proves the connection was relayed, not just queued.
+        """
+        raiseNofile()
+        if not hasattr(self, "held"):
+            self.held = []
+        connects = {}
+        opened = []
+        for _ in range(count):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if nonblocking:
+                sock.setblocking(False)
+                code = sock.connect_ex(path)
+                name = "ok" if code == 0 else errno.errorcode.get(code, str(code))
+            else:
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(path)
+                    name = "ok"
+                except Exception as e:
+                    name = errorName(e)
+            connects[name] = connects.get(name, 0) + 1
+            if name == "ok":
+                opened.append(sock)
+            else:
+                sock.close()
+        result = {"connects": connects, "echoed": 0, "replies": {}, "errors": {}}
+        if probe:
+            for sock in opened:
+                sock.settimeout(timeout)
+                try:
+                    sock.sendall(b"x")
+                except Exception as e:
+                    name = "send:" + errorName(e)
+                    result["errors"][name] = result["errors"].get(name, 0) + 1
+            for sock in opened:
+                try:
+                    data = sock.recv(1)
+                except Exception as e:
+                    name = "recv:" + errorName(e)
+                    result["errors"][name] = result["errors"].get(name, 0) + 1
+                    continue
+                if data == b"x":
+                    result["echoed"] += 1
+                else:
+                    key = data.decode("latin-1") or "EOF"
+                    result["replies"][key] = result["replies"].get(key, 0) + 1
+        self.held.extend(opened)
+        result["held"] = len(self.held)
+        return result
+
+    def op_closeHeld(self, count=None):
+        """
+        Close the newest C{count} held connections (all by default).
+        """
+        held = getattr(self, "held", [])
+        count = len(held) if count is None else count
+        for _ in range(count):
+            held.pop().close()
+        return {"held": len(held)}
+
+    def op_latencyLoop(self, path, data, count, timeout=30):
+        """
+        C{count} whole exchanges in a row, each on a new connection, timed
+        from before the connect to the answer's EOF.
+        """
+        payload = _unb64(data)
+        times = []
+        statuses = {}
+        errors = {}
+        for _ in range(count):
+            started = time.perf_counter()
+            try:
+                sock = _connect(path, timeout)
+                try:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    result = recvAll(sock, keep=200)
+                finally:
+                    sock.close()
+            except Exception as e:
+                result = {"error": errorName(e), "head": ""}
+            times.append(time.perf_counter() - started)
+            if result["error"]:
+                errors[result["error"]] = errors.get(result["error"], 0) + 1
+            status = _unb64(result["head"]).split(b"\r\n", 1)[0].decode("latin-1")
+            statuses[status] = statuses.get(status, 0) + 1
+        return {"times": times, "statuses": statuses, "errors": errors}
+
+    def op_burst(self, path, count, data, timeout=60):
+        """
+        C{count} non-blocking connects at once (the docker CLI's way, where a
+        full backlog is EAGAIN), then on each connection that got in: send
+        C{data}, half-close, and read the answer to EOF, all in one select
+        loop.  Answers are counted by whether they echo C{data}.
+        """
+        import selectors
+
+        raiseNofile()
+        payload = _unb64(data)
+        started = time.monotonic()
+        socks = []
+        connects = {}
+        for _ in range(count):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex(path)
+            name = "ok" if code == 0 else errno.errorcode.get(code, str(code))
+            connects[name] = connects.get(name, 0) + 1
+            if code == 0:
+                socks.append(sock)
+            else:
+                sock.close()
+        connected = time.monotonic()
+        selector = selectors.DefaultSelector()
+        answers = {}
+        errors = {}
+        for sock in socks:
+            try:
+                sent = sock.send(payload)
+                if sent != len(payload):
+                    raise RuntimeError("short send %d" % (sent,))
+                sock.shutdown(socket.SHUT_WR)
+            except Exception as e:
+                errors["send:" + errorName(e)] = errors.get("send:" + errorName(e), 0) + 1
+                sock.close()
+                continue
+            answers[sock] = bytearray()
+            selector.register(sock, selectors.EVENT_READ)
+        done = {"echo": 0, "other": 0}
+        samples = []
+        deadline = time.monotonic() + timeout
+        while answers and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                try:
+                    more = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except Exception as e:
+                    more = None
+                    errors["recv:" + errorName(e)] = errors.get("recv:" + errorName(e), 0) + 1
+                if more:
+                    answers[sock] += more
+                    continue
+                answer = bytes(answers.pop(sock))
+                selector.unregister(sock)
+                sock.close()
+                if more is None:
+                    continue
+                if answer == payload:
+                    done["echo"] += 1
+                else:
+                    done["other"] += 1
+                    if len(samples) < 3:
+                        samples.append(answer[:300].decode("latin-1"))
+        unanswered = len(answers)
+        for sock in answers:
+            sock.close()
+        return {
+            "connects": connects,
+            "answers": done,
+            "unanswered": unanswered,
+            "errors": errors,
+            "samples": samples,
+            "connectSeconds": connected - started,
+            "seconds": time.monotonic() - started,
+        }
+
+    def op_scenario(self, path, steps, timeout=10):
+        """
+        One client's misbehaviour, step by step, on a fresh connection:
+        C{send} bytes, C{shutdown} the write side, C{read} to EOF or
+        C{readSome}, then C{close}, C{reset} (close with a RST) or C{hold}
+        (keep it open until L{op_closeHeld}).  Failures are reported, not
+        raised: a peer giving up is part of what is being tried.
+        """
+        sock = _connect(path, timeout)
+        outcome = {"read": "", "errors": [], "eof": False}
+        received = bytearray()
+        ended = False
+        for step in steps:
+            action = step["do"]
+            try:
+                if action == "send":
+                    sock.sendall(_unb64(step["data"]))
+                elif action == "shutdown":
+                    sock.shutdown(socket.SHUT_WR)
+                elif action == "read":
+                    sock.settimeout(step.get("timeout", timeout))
+                    while True:
+                        more = sock.recv(65536)
+                        if not more:
+                            outcome["eof"] = True
+                            break
+                        received += more
+                elif action == "readSome":
+                    sock.settimeout(step.get("timeout", timeout))
+                    more = sock.recv(step["max"])
+                    if not more:
+                        outcome["eof"] = True
+                    received += more
+                elif action == "reset":
+                    import struct
+
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+                    ended = True
+                elif action == "close":
+                    sock.close()
+                    ended = True
+                elif action == "hold":
+                    if not hasattr(self, "held"):
+                        self.held = []
+                    self.held.append(sock)
+                    ended = True
+            except Exception as e:
+                outcome["errors"].append("%s:%s" % (action, errorName(e)))
+            if ended:
+                break
+        if not ended:
+            sock.close()
+        outcome["read"] = _b64(received)
+        return outcome
+
+
+def echoLoop(conf):
+    """
+    A long-lived client: one connection to an echo daemon, round trip after
+    round trip of random bytes, each checked, progress reported as it goes.
+    Exits (with an event saying why) at the first wrong or missing byte.
+    """
+    rng = random.Random(conf.get("seed", 0))
+    sock = _connect(conf["path"], 30)
+    ok = 0
+    while True:
+        payload = rng.randbytes(rng.randint(1, conf.get("maxSize", 16384)))
+        try:
+            sock.sendall(payload)
+            echoed = bytearray()
+            while len(echoed) < len(payload):
+                more = sock.recv(len(payload) - len(echoed))
+                if not more:
+                    break
+                echoed += more
+        except Exception as e:
+            emit(event="failed", ok=ok, error=errorName(e), detail=repr(e))
+            return
+        if echoed != payload:
+            emit(event="failed", ok=ok, error="mismatch", sent=len(payload), got=len(echoed))
+            return
+        ok += 1
+        if ok == 1:
+            emit(event="ready", pid=os.getpid(), uid=os.getuid())
+        if ok % 20 == 0:
+            emit(event="progress", ok=ok)
+        # Pacing, so two cores are left for the router and the test.
+        time.sleep(conf.get("pause", 0.002))
+
 
 def agent(conf):
     emit(event="ready", pid=os.getpid(), uid=os.getuid())
@@ -551,7 +904,7 @@ def flipper(conf):
             emit(event="ready", pid=os.getpid(), uid=os.getuid())
 
 
-_ROLES = {"backend": backend, "agent": agent, "flipper": flipper}
+_ROLES = {"backend": backend, "agent": agent, "flipper": flipper, "echoLoop": echoLoop}
 
 
 if __name__ == "__main__":

@@ -424,6 +424,22 @@ class Router:
                     return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS for %d" % (self.pid,))
 
+    def descriptors(self):
+        """
+        The router's open descriptors by kind (C{socket}, C{pipe},
+        C{anon_inode}, C{file}), from /proc.
+        """
+        kinds = {}
+        directory = "/proc/%d/fd" % (self.pid,)
+        for name in os.listdir(directory):
+            try:
+                target = os.readlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
     def logMatches(self, pattern):
         return [m for m in re.finditer(pattern, self.log(), re.MULTILINE)]
 
@@ -542,6 +558,16 @@ class Harness:
 
     def startAgent(self, uid):
         return Agent(self, self._name("agent-%d" % (uid,)), None if uid == 0 else uid)
+
+    def startEchoLoop(self, uid, path, **conf):
+        """
+        A long-lived client of C{uid} checking round trips through C{path}
+        to an echo daemon (see L{children.echoLoop}), once it is going.
+        """
+        conf = dict(role="echoLoop", path=path, **conf)
+        loop = Child(self, self._name("echoLoop-%d" % (uid,)), conf, uid)
+        loop.waitReady()
+        return loop
 
     def startFlipper(self, uid, link, targets):
         conf = dict(role="flipper", link=link, targets=targets)

@@ -48,10 +48,10 @@ class ResponderTests(SynchronousTestCase):
         self.transport = PeerTransport(Credentials(1, 1, 1))
         self.responder = ErrorResponder(self.clock, self.transport, 503, "gone")
 
-    def test_waitsForTheWholeHead(self) -> None:
-        self.responder.dataReceived(b"GET /_ping HTTP/1.1\r\nHost: d")
+    def test_waitsForTheRequestLine(self) -> None:
+        self.responder.dataReceived(b"GET /_ping HT")
         self.assertEqual(self.transport.value(), b"")
-        self.responder.dataReceived(b"ocker\r\n\r\n")
+        self.responder.dataReceived(b"TP/1.1\r\nHost: docker\r\n\r\n")
         status, _, body = parse(self.transport.value())
         self.assertEqual(status, b"HTTP/1.1 503 Service Unavailable")
         self.assertEqual(json.loads(body), {"message": "gone"})
@@ -85,9 +85,21 @@ class ResponderTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertIn(b"503", self.transport.value())
 
-    def test_headTooLarge(self) -> None:
-        self.responder.dataReceived(b"GET /" + b"a" * ErrorResponder.maxHeadBytes)
+    def test_requestLineTooLong(self) -> None:
+        self.responder.dataReceived(b"GET /" + b"a" * ErrorResponder.maxLineBytes)
         self.assertIn(b"503", self.transport.value())
+
+    def test_withoutWaiting(self) -> None:
+        """
+        Told not to wait (a client over a cap), it answers at once and lets
+        the client drain for a moment only.
+        """
+        transport = PeerTransport(Credentials(1, 1, 1))
+        ErrorResponder(self.clock, transport, 429, "too many", waitForRequest=False)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 429 Too Many Requests"))
+        self.assertTrue(transport.writeClosed)
+        self.clock.advance(ErrorResponder.hastyDrainTimeout)
+        self.assertTrue(transport.aborted)
 
     def test_eofBeforeHead(self) -> None:
         self.responder.dataReceived(b"GET / HTTP/1.0\r\n")
