@@ -316,7 +316,7 @@ class Router:
     The real C{twistd -n docker-router} process.
     """
 
-    def __init__(self, harness, name, listenPath, template, args=(), wrapper=()):
+    def __init__(self, harness, name, listenPath, template, args=(), wrapper=(), listen=None):
         self.name = name
         self.listenPath = listenPath
         self.logPath = os.path.join(harness.tmp, "%s.log" % (name,))
@@ -327,7 +327,7 @@ class Router:
             "--logfile=" + self.logPath,
             "docker-router",
             "--listen",
-            "unix:%s:mode=666:lockfile=1" % (listenPath,),
+            listen or "unix:%s:mode=666:lockfile=1" % (listenPath,),
             "--user-socket",
             template,
         ] + list(args)
@@ -521,9 +521,14 @@ class Harness:
             os.chown(path, uid, uid)
         return path
 
-    def startRouter(self, args=(), template=None, listenPath=None, wrapper=(), ready=True):
+    def startRouter(
+        self, args=(), template=None, listenPath=None, wrapper=(), ready=True, listen=None
+    ):
         """
         Start a router; by default wait until it accepts connections.
+
+        @param listen: the C{--listen} endpoint, if not a Unix socket at
+            C{listenPath}.
         """
         router = Router(
             self,
@@ -532,6 +537,7 @@ class Harness:
             template or self.template,
             args,
             wrapper,
+            listen,
         )
         if ready:
             router.waitReady()

@@ -4,7 +4,9 @@ and a graceful SIGTERM.
 """
 
 import os
+import shutil
 import signal
+import stat
 import time
 
 from tests.integration.harness import UID_A, IntegrationTestCase, pollUntil
@@ -113,3 +115,30 @@ class ShutdownTests(IntegrationTestCase):
         self.assertGreater(elapsed, 0.9, "exited before the shutdown timeout")
         ended = agent.call("recvAll", seconds=10, timeout=5)
         self.assertNotEqual(ended["error"], "timeout")
+
+
+class SocketActivationTests(IntegrationTestCase):
+    """
+    Under systemd socket activation (here C{systemd-socket-activate}, as
+    there is no systemd to run the units).
+    """
+
+    def test_adoptsTheSocketAndLeavesItsPath(self):
+        """
+        The router serves on the socket it is handed, and when it stops it
+        leaves the path in place for systemd, which owns it.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            self.skipTest("no systemd-socket-activate")
+        path = self.harness.listenPath
+        router = self.harness.startRouter(
+            wrapper=[activate, "-l", path, "--fdname=docker.sock"],
+            listen="systemd:domain=UNIX:index=0",
+        )
+        os.chmod(path, 0o666)  # what the socket unit's SocketMode=0666 does
+        self.harness.startBackend(UID_A, "http")
+        self.assertServedBy(self.get(UID_A), UID_A, router)
+        router.process.send_signal(signal.SIGTERM)
+        self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode), "the socket's path is gone")
