@@ -180,7 +180,6 @@ class ServerProtocol(Protocol):
         """End this connection now (shutdown ran out of time)."""
         self._endAs(why)
         if self._splicer is not None:
-            self._splicer.stop()
             self._relayEnded(why)
         else:
             self.transport.abortConnection()

@@ -131,6 +131,16 @@ def parseResponse(raw):
     return status, headers, body
 
 
+def killGroup(process):
+    """Kill a child started in its own session, and everything it started."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(10)
+
+
 class Child:
     """
     A process of ours speaking JSON lines on stdout (see L{children}).
@@ -242,12 +252,7 @@ class Child:
         return default
 
     def kill(self):
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(10)
+        killGroup(self.process)
         for stream in (self.process.stdin, self.process.stdout):
             try:
                 stream.close()
@@ -460,12 +465,7 @@ class Router:
         return dict(re.findall(r"(\w+)=(\S+)", match.group(1)))
 
     def kill(self):
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(10)
+        killGroup(self.process)
 
 
 class Harness:

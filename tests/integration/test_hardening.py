@@ -232,6 +232,21 @@ class DescriptorTests(HardeningTestCase):
         router.waitLog(r"open file limit: (raised from \d+ to )?%d\b" % (self.LIMIT,))
         return router
 
+    def crowdIn(self, crowd, router):
+        """
+        C{CLIENTS} non-blocking connects from C{crowd} at once, all held
+        without a byte sent: more than the router has descriptors for.
+        """
+        opened = crowd.call(
+            "holdMany",
+            seconds=60,
+            path=router.listenPath,
+            count=self.CLIENTS,
+            nonblocking=True,
+            probe=False,
+        )
+        self.assertEqual(opened["connects"], {"ok": self.CLIENTS}, opened)
+
     def emfileLines(self, router):
         """
         (our back-off warnings, any line at all that mentions running out)
@@ -258,15 +273,7 @@ class DescriptorTests(HardeningTestCase):
 
         crowd = self.harness.startAgent(UID_A)
         started = time.monotonic()
-        opened = crowd.call(
-            "holdMany",
-            seconds=60,
-            path=router.listenPath,
-            count=self.CLIENTS,
-            nonblocking=True,
-            probe=False,
-        )
-        self.assertEqual(opened["connects"], {"ok": self.CLIENTS}, opened)
+        self.crowdIn(crowd, router)
         router.waitLog(EMFILE_WARNING, seconds=20)
         # Watch the router at its limit for a while: the live relay must
         # keep going, and the warnings must not pile up.
@@ -307,15 +314,7 @@ class DescriptorTests(HardeningTestCase):
         router = self.startSmallRouter()
         self.harness.startBackend(UID_A, "selectEcho")
         crowd = self.harness.startAgent(UID_A)
-        opened = crowd.call(
-            "holdMany",
-            seconds=60,
-            path=router.listenPath,
-            count=self.CLIENTS,
-            nonblocking=True,
-            probe=False,
-        )
-        self.assertEqual(opened["connects"], {"ok": self.CLIENTS}, opened)
+        self.crowdIn(crowd, router)
         router.waitLog(TOO_MANY % (UID_A,) + "|" + EMFILE_WARNING, seconds=20)
         crowd.call("closeHeld")
         warnings, mentions = self.emfileLines(router)
