@@ -96,3 +96,32 @@ class SyslogTests(SynchronousTestCase):
                 (LogLevel.error, syslog.LOG_ERR, syslog.LOG_DAEMON),
             ],
         )
+
+
+class SyslogObserverTests(SynchronousTestCase):
+    def test_throughTwistdSyslogObserver(self) -> None:
+        """
+        What C{twistd --syslog} does with the events: Twisted's own syslog
+        observer, behind the legacy wrapper twistd puts around it, sends a
+        warning as LOG_WARNING and an error as LOG_ERR, in the daemon
+        facility.
+        """
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python import syslog as twistedSyslog
+
+        sent: list[int] = []
+        self.patch(twistedSyslog.SyslogObserver, "openlog", lambda *args: None)
+        self.patch(twistedSyslog.SyslogObserver, "syslog", lambda self, priority, line: sent.append(priority))
+        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)
+        log = RouterLogger(observer=observer)
+        log.info("i")
+        log.warn("w")
+        log.error("e")
+        self.assertEqual(
+            sent,
+            [
+                syslog.LOG_INFO | syslog.LOG_DAEMON,
+                syslog.LOG_WARNING | syslog.LOG_DAEMON,
+                syslog.LOG_ERR | syslog.LOG_DAEMON,
+            ],
+        )
