@@ -5,6 +5,7 @@ Nothing else in the package knows about argv.
 """
 
 import os
+import sys
 from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -153,10 +154,31 @@ def _checkTemplate(template: str) -> None:
         raise usage.UsageError(f"--user-socket must be an absolute path: {template!r}")
 
 
+class CannotListen(Exception):
+    """
+    A listening endpoint can't be had.  twistd stops with a non-zero status:
+    in the foreground this prints one line (see L{_oneLineFor}); daemonized,
+    twistd's parent prints it (the exception must be an C{Exception} to reach
+    twistd's status pipe, or the parent would wait forever).
+    """
+
+
+def _oneLineFor(previous):
+    """A C{sys.excepthook} that prints a L{CannotListen} as its message alone."""
+
+    def excepthook(kind, value, traceback):
+        if issubclass(kind, CannotListen):
+            sys.stderr.write(f"{value}\n")
+        else:
+            previous(kind, value, traceback)
+
+    return excepthook
+
+
 class _ListeningService(StreamServerEndpointService):
     """
-    Listens on one endpoint.  Failing to listen stops twistd with one line
-    (and a non-zero status) instead of a traceback.
+    Listens on one endpoint, and guards its accepting against running out of
+    descriptors.
     """
 
     _raiseSynchronously = True
@@ -174,9 +196,9 @@ class _ListeningService(StreamServerEndpointService):
             reason = e.socketError
             if reason == "Cannot acquire lock":
                 reason = "another docker-router is already listening there"
-            raise SystemExit(f"docker-router: cannot listen on {self.description}: {reason}")
+            raise CannotListen(f"docker-router: cannot listen on {self.description}: {reason}")
         except Exception as e:
-            raise SystemExit(f"docker-router: cannot listen on {self.description}: {e}")
+            raise CannotListen(f"docker-router: cannot listen on {self.description}: {e}")
 
     def stopService(self):
         if self.description.startswith("systemd:") and self._waitingForPort.called:
@@ -226,6 +248,7 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     log = RouterLogger()
+    sys.excepthook = _oneLineFor(sys.excepthook)
     before, limit = raiseDescriptorLimit()
     log.info(
         "open file limit: {limit} (raised from {before})" if before != limit else "open file limit: {limit}",
