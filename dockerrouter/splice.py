@@ -32,7 +32,7 @@ class PipePool:
     Empty pipes to lend to directions with bytes in flight.
     """
 
-    def __init__(self, size: int = _CHUNK, keep: int = 64) -> None:
+    def __init__(self, size: int = _CHUNK, keep: int = 16) -> None:
         self._size = size
         self._keep = keep
         self._idle: list[tuple[int, int]] = []

@@ -7,9 +7,10 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import time
 
-from tests.integration.harness import UID_A, IntegrationTestCase, pollUntil
+from tests.integration.harness import UID_A, IntegrationTestCase, pollUntil, twistdCommand
 
 # Exit statuses systemd counts as a clean stop.
 CLEAN_EXITS = (0, -signal.SIGTERM)
@@ -49,6 +50,27 @@ class InstanceTests(IntegrationTestCase):
         self.assertEqual(os.stat(self.harness.listenPath).st_ino, inode)
         self.harness.startBackend(UID_A, "http")
         self.assertServedBy(self.get(UID_A), UID_A, first)
+
+
+    def test_daemonizedRefusal(self):
+        """
+        Daemonized (no C{-n}), a router that can't listen makes twistd exit
+        non-zero with the reason, rather than leave its parent waiting.
+        """
+        result = subprocess.run(
+            twistdCommand()
+            + [
+                "--pidfile=" + os.path.join(self.harness.tmp, "daemon.pid"),
+                "--logfile=" + os.path.join(self.harness.tmp, "daemon.log"),
+                "docker-router",
+                "--listen",
+                "unix:/proc/docker-router-test.sock",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"cannot listen on unix:/proc/docker-router-test.sock", result.stderr)
 
 
 class ShutdownTests(IntegrationTestCase):
