@@ -75,6 +75,8 @@ class RelayTests(SynchronousTestCase):
             {r.fileno() for r in self.reactor.readers},
             {clientTransport.getHandle().fd, self.daemons[0].fd},
         )
+        # No idle timeout: `docker events` and attach sessions sit idle for hours.
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_wrongOwnerIsNeverRelayed(self) -> None:
         """
