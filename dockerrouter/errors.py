@@ -5,7 +5,7 @@ reached.
 The docker CLI prints C{Error response from daemon: <message>} for any HTTP
 error whose JSON body has a C{message}, and the Docker SDK raises C{APIError}
 with it; a dropped connection would only say "connection reset by peer".  So
-the responder reads the request head first (bounded in size and time),
+the responder reads the request line first (bounded in size and time),
 answers, and then closes without a reset: it shuts its write side and drains
 whatever the client still sends until the client closes, because closing a
 Unix socket with unread data makes the client's next read fail with
