@@ -226,6 +226,9 @@ class RouterFactory(Factory):
         # Here, not in __init__: twistd forks between the two.
         self._pid = os.getpid()
 
+    def stopFactory(self) -> None:
+        self.pipes.close()
+
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""
         return self._pid or os.getpid()
