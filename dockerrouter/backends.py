@@ -105,11 +105,20 @@ class SubordinateIds:
     daemon.  Lines that are broken, name an unknown user or overlap another
     range are ignored (an id claimed twice has no owner we could trust),
     with a warning from C{warn}.  uid 0 never maps to anyone.
+
+    The file is looked at (one C{stat}) at most once a second, not on every
+    connection.
     """
 
-    def __init__(self, path: str, warn: Callable[[str], None]) -> None:
+    checkInterval = 1.0
+
+    def __init__(
+        self, path: str, warn: Callable[[str], None], clock: Callable[[], float]
+    ) -> None:
         self.path = path
         self._warn = warn
+        self._clock = clock
+        self._nextCheck = float("-inf")
         self._stamp: Optional[tuple] = None
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, int]] = []
@@ -127,6 +136,10 @@ class SubordinateIds:
         return uid
 
     def _refresh(self) -> None:
+        now = self._clock()
+        if now < self._nextCheck:
+            return
+        self._nextCheck = now + self.checkInterval
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -67,10 +67,9 @@ def _closePipe(pipe: tuple[int, int]) -> None:
 class _Direction:
     """Bytes from C{source} to C{sink}, and what is in flight between them."""
 
-    __slots__ = ("name", "source", "sink", "pipe", "pending", "count", "eof", "done")
+    __slots__ = ("source", "sink", "pipe", "pending", "count", "eof", "done")
 
-    def __init__(self, name: str, source: "_End", sink: "_End") -> None:
-        self.name = name
+    def __init__(self, source: "_End", sink: "_End") -> None:
         self.source = source
         self.sink = sink
         self.pipe: Optional[tuple[int, int]] = None
@@ -159,8 +158,8 @@ class Splicer:
         self._ended = ended
         self._client = _End(self, client, "client")
         self._daemon = _End(self, daemon, "docker")
-        self._up = _Direction("client", self._client, self._daemon)
-        self._down = _Direction("docker", self._daemon, self._client)
+        self._up = _Direction(self._client, self._daemon)
+        self._down = _Direction(self._daemon, self._client)
         self._client.outgoing = self._daemon.incoming = self._up
         self._daemon.outgoing = self._client.incoming = self._down
         self._running = False

@@ -165,6 +165,8 @@ class CannotListen(Exception):
 
 def _oneLineFor(previous):
     """A C{sys.excepthook} that prints a L{CannotListen} as its message alone."""
+    if getattr(previous, "printsCannotListen", False):
+        return previous  # makeService ran before in this process
 
     def excepthook(kind, value, traceback):
         if issubclass(kind, CannotListen):
@@ -172,6 +174,7 @@ def _oneLineFor(previous):
         else:
             previous(kind, value, traceback)
 
+    excepthook.printsCannotListen = True  # type: ignore[attr-defined]
     return excepthook
 
 
@@ -257,7 +260,11 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
     )
     subordinates = None
     if not options["no-subuid"]:
-        subordinates = SubordinateIds(options["subuid-file"], warn=lambda text: log.warn("{message}", message=text))
+        subordinates = SubordinateIds(
+            options["subuid-file"],
+            warn=lambda text: log.warn("{message}", message=text),
+            clock=reactor.seconds,
+        )
     factory = RouterFactory(
         reactor,
         BackendResolver(

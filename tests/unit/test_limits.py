@@ -88,7 +88,8 @@ class SubordinateIdTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = self.mktemp()
         self.warnings: list[str] = []
-        self.ids = SubordinateIds(self.path, self.warnings.append)
+        self.clock = Clock()
+        self.ids = SubordinateIds(self.path, self.warnings.append, self.clock.seconds)
 
     def write(self, text: str) -> None:
         with open(self.path, "w") as f:
@@ -121,9 +122,15 @@ class SubordinateIdTests(SynchronousTestCase):
         self.assertTrue(any("overlaps" in w for w in self.warnings))
 
     def test_reReadWhenChanged(self) -> None:
+        """
+        A change is seen within a second; the file is not looked at on
+        every connection.
+        """
         self.write("1000:100000:65536\n")
         self.assertEqual(self.ids.owner(100001), 1000)
         self.write("1000:100000:65536\n1001:200000:65536\n")
+        self.assertEqual(self.ids.owner(200001), 200001)
+        self.clock.advance(SubordinateIds.checkInterval)
         self.assertEqual(self.ids.owner(200001), 1001)
 
     def test_missingFile(self) -> None:
