@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
+from dockerrouter import __version__
 from dockerrouter.backends import (
     DEFAULT_TEMPLATE,
     BackendResolver,
@@ -112,6 +113,13 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"docker-router {__version__}")
+        sys.exit(0)
 
     def opt_listen(self, description: str) -> None:
         """
