@@ -31,7 +31,7 @@ class CapTests(SynchronousTestCase):
         )
         self.factory.routerPid = lambda: -1
         self.connects: list[str] = []
-        self.factory.connectUnix = self.connectUnix
+        self.factory.connectUnix = self.connectUnix  # type: ignore[assignment]
 
     def connectUnix(self, path: str) -> FakeSocket:
         """A daemon that runs as the uid its path names."""
@@ -147,7 +147,7 @@ class SubordinateIdTests(SynchronousTestCase):
         """
         self.write("1000:100000:65536\n")
         resolver = BackendResolver(
-            "/run/user/{uid}/{user}.sock", lookupName={1000: "alice"}.get, subordinates=self.ids
+            "/run/user/{uid}/{user}.sock", lookupName={1000: "alice"}.__getitem__, subordinates=self.ids
         )
         backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999))
         self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))

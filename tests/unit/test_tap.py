@@ -132,7 +132,8 @@ class SyslogObserverTests(SynchronousTestCase):
         sent: list[int] = []
         self.patch(twistedSyslog.SyslogObserver, "openlog", lambda *args: None)
         self.patch(twistedSyslog.SyslogObserver, "syslog", lambda self, priority, line: sent.append(priority))
-        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)
+        # What twistd --syslog does; its annotation wants the new-style interface.
+        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)  # type: ignore[arg-type]
         log = RouterLogger(observer=observer)
         log.info("i")
         log.warn("w")
