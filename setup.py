@@ -1,16 +1,15 @@
+"""
+The metadata lives in pyproject.toml; this file keeps what setuptools'
+pyproject tables say less plainly: the flat layout, where C{dockerrouter}
+sits beside C{twisted/plugins} (a namespace: no C{__init__.py}, so that
+Twisted's own plugins stay visible), and the man page.
+"""
+
 from setuptools import setup
 
 setup(
-    name="docker-router",
-    version="0.1.0",
-    description=(
-        "Give every user of a shared host /var/run/docker.sock, routed to "
-        "their own rootless Docker daemon."
-    ),
-    python_requires=">=3.11",
     packages=["dockerrouter", "twisted.plugins"],
-    install_requires=["twisted>=23.8", "zope.interface", "attrs"],
-    extras_require={
-        "test": ["pytest", "pytest-twisted", "docker", "hypothesis"],
-    },
+    # PREFIX/share/man/man8: see README ("Install and run") for how man finds
+    # it when PREFIX is a virtual environment.
+    data_files=[("share/man/man8", ["man/docker-router.8"])],
 )

@@ -157,13 +157,13 @@ class SubordinateIds:
         self._starts = [start for start, _, _ in self._ranges]
 
     def _parse(self, text: str) -> list[tuple[int, int, int]]:
-        ranges = []
+        ranges: list[tuple[int, int, int, int]] = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                name, start, count = line.strip().split(":")
-                start, count = int(start), int(count)
+                name, first, size = line.strip().split(":")
+                start, count = int(first), int(size)
                 if start <= 0 or count <= 0:
                     raise ValueError("not a positive range")
                 owner = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
@@ -172,7 +172,7 @@ class SubordinateIds:
                 continue
             ranges.append((start, count, owner, number))
         ranges.sort()
-        overlapping = set()
+        overlapping: set[int] = set()
         for (s1, c1, _, n1), (s2, _, _, n2) in zip(ranges, ranges[1:]):
             if s2 < s1 + c1:
                 overlapping.update((n1, n2))

@@ -15,9 +15,9 @@ C{ECONNRESET}.
 import json
 from http import HTTPStatus
 
-from typing import Optional
+from typing import Any, Optional
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 
@@ -59,7 +59,9 @@ class ErrorResponder:
     def __init__(
         self,
         reactor: IReactorTime,
-        transport: ITransport,
+        # A connection that can also half-close and abort (no one interface
+        # says all three).
+        transport: Any,
         status: int,
         message: str,
         waitForRequest: bool = True,

@@ -10,7 +10,7 @@ import errno
 import os
 import resource
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -53,7 +53,7 @@ class _GuardedListener:
         self._sock = sock
         self._exhausted = exhausted
 
-    def accept(self):
+    def accept(self) -> tuple[socket.socket, Any]:
         try:
             return self._sock.accept()
         except OSError as e:
@@ -62,7 +62,7 @@ class _GuardedListener:
             self._exhausted(e.errno)
             raise BlockingIOError(errno.EAGAIN, "accepting paused")
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
 
@@ -77,7 +77,7 @@ class AcceptBackoff:
 
     log = RouterLogger()
 
-    def __init__(self, reactor: IReactorTime, port, interval: float = 0.5) -> None:
+    def __init__(self, reactor: IReactorTime, port: Any, interval: float = 0.5) -> None:
         self._reactor = reactor
         self._port = port
         self.interval = interval

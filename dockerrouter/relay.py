@@ -14,7 +14,7 @@ knows neither paths nor users.
 
 import os
 import socket
-from typing import Optional, Set
+from typing import Any, Optional, Set
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -73,6 +73,9 @@ class ServerProtocol(Protocol):
 
     log = RouterLogger()
     factory: "RouterFactory"
+    # A Unix server connection (getHandle, pauseProducing, abortConnection)
+    # until relayed, then None: more than Protocol's Optional[ITransport].
+    transport: Any
 
     client: Credentials
     backend: Backend
@@ -152,6 +155,7 @@ class ServerProtocol(Protocol):
 
     def _relayEnded(self, failure: Optional[str]) -> None:
         """Both directions ended (C{None}), or one side failed."""
+        assert self._splicer is not None
         self._splicer.close()
         self._endAs(failure or "closed")
         self._record()
@@ -159,9 +163,11 @@ class ServerProtocol(Protocol):
     # Twisted reads a connection only while it is being rejected.
 
     def dataReceived(self, data: bytes) -> None:
+        assert self._responder is not None
         self._responder.dataReceived(data)
 
     def readConnectionLost(self) -> None:
+        assert self._responder is not None
         self._responder.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
@@ -218,7 +224,7 @@ class RouterFactory(Factory):
     """
 
     noisy = False
-    protocol = ServerProtocol
+    protocol = ServerProtocol  # type: ignore[assignment]  # Factory is generic only to type checkers
     connectUnix = staticmethod(connectUnix)
     _pid: Optional[int] = None
 
@@ -235,7 +241,7 @@ class RouterFactory(Factory):
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         resolver: BackendResolver,
         connectTimeout: float,
         maxConnections: Optional[int] = None,

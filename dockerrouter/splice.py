@@ -17,7 +17,7 @@ import errno
 import fcntl
 import os
 import socket
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
@@ -89,6 +89,9 @@ class _End:
     __slots__ = (
         "splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing", "grown"
     )
+    # Set by the Splicer once both ends exist.
+    outgoing: _Direction
+    incoming: _Direction
 
     def __init__(self, splicer: "Splicer", sock: socket.socket, name: str) -> None:
         self.splicer = splicer
@@ -147,7 +150,7 @@ class Splicer:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         pool: PipePool,
         client: socket.socket,
         daemon: socket.socket,
@@ -205,13 +208,13 @@ class Splicer:
             try:
                 d.pipe = self._pool.take()
             except OSError as e:
-                return self._fail(None, errno.errorcode.get(e.errno, "OSError"))
+                return self._fail(None, errno.errorcode.get(e.errno or 0, "OSError"))
         try:
             n = os.splice(d.source.fd, d.pipe[1], _CHUNK, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return self._drain(d)
         except OSError as e:
-            return self._fail(d.source, errno.errorcode.get(e.errno, "OSError"))
+            return self._fail(d.source, errno.errorcode.get(e.errno or 0, "OSError"))
         if n == 0:
             d.eof = True
             d.source.read(False)
@@ -222,7 +225,8 @@ class Splicer:
     def _drain(self, d: _Direction) -> None:
         while d.pending:
             try:
-                d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)
+                # Pending bytes are always in a pipe.
+                d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]
             except BlockingIOError:
                 if not d.sink.grown:
                     # A bulk transfer: let the kernel queue more per call, as
@@ -236,7 +240,7 @@ class Splicer:
                 d.sink.write(True)
                 return
             except OSError as e:
-                return self._fail(d.sink, errno.errorcode.get(e.errno, "OSError"))
+                return self._fail(d.sink, errno.errorcode.get(e.errno or 0, "OSError"))
         d.sink.write(False)
         if d.pipe is not None:
             self._pool.give(d.pipe)

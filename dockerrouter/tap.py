@@ -6,7 +6,8 @@ Nothing else in the package knows about argv.
 
 import os
 import sys
-from typing import Optional
+from types import TracebackType
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -15,6 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
+from dockerrouter import __version__
 from dockerrouter.backends import (
     DEFAULT_TEMPLATE,
     BackendResolver,
@@ -113,6 +115,13 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
 
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"docker-router {__version__}")
+        sys.exit(0)
+
     def opt_listen(self, description: str) -> None:
         """
         Twisted server endpoint string to listen on (repeatable).
@@ -163,12 +172,14 @@ class CannotListen(Exception):
     """
 
 
-def _oneLineFor(previous):
+def _oneLineFor(previous: Callable[..., Any]) -> Callable[..., Any]:
     """A C{sys.excepthook} that prints a L{CannotListen} as its message alone."""
     if getattr(previous, "printsCannotListen", False):
         return previous  # makeService ran before in this process
 
-    def excepthook(kind, value, traceback):
+    def excepthook(
+        kind: type[BaseException], value: BaseException, traceback: Optional[TracebackType]
+    ) -> None:
         if issubclass(kind, CannotListen):
             sys.stderr.write(f"{value}\n")
         else:
@@ -186,7 +197,7 @@ class _ListeningService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, description: str, reactor, factory: RouterFactory) -> None:
+    def __init__(self, description: str, reactor: Any, factory: RouterFactory) -> None:
         super().__init__(serverFromString(reactor, withBacklog(description)), factory)
         self.description = description
         self._reactor = reactor
@@ -203,7 +214,7 @@ class _ListeningService(StreamServerEndpointService):
         except Exception as e:
             raise CannotListen(f"docker-router: cannot listen on {self.description}: {e}")
 
-    def stopService(self):
+    def stopService(self) -> Any:
         if self.description.startswith("systemd:") and self._waitingForPort.called:
             # Twisted unlinks a Unix port's path when it stops listening, even
             # a socket it adopted from systemd, which still owns it and will
@@ -226,7 +237,7 @@ class _DrainService(Service):
         self.factory = factory
         self.timeout = timeout
 
-    def stopService(self):
+    def stopService(self) -> Any:
         super().stopService()
         live = len(self.factory.relays)
         if live:
@@ -247,9 +258,9 @@ class _DrainService(Service):
         )
 
 
-def makeService(options: Options, reactor: Optional[object] = None) -> MultiService:
+def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     log = RouterLogger()
     sys.excepthook = _oneLineFor(sys.excepthook)
     before, limit = raiseDescriptorLimit()

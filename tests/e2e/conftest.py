@@ -11,7 +11,7 @@ Without C{DOCKERROUTER_E2E=1} the tests skip when the daemons are missing; with
 it, a missing daemon is a failure. As root::
 
     bash .ci/rootless-docker.sh start
-    DOCKERROUTER_E2E=1 /opt/docker-router/venv/bin/python -m pytest tests/e2e
+    DOCKERROUTER_E2E=1 $VENV/bin/python -m pytest tests/e2e
     bash .ci/rootless-docker.sh stop
 """
 
@@ -20,21 +20,21 @@ import shutil
 import signal
 import stat
 import tempfile
-from pathlib import Path
 
 import pytest
 
-from harness import (
+from tests.e2e.harness import (
     DAEMON_USERS,
     IMAGE,
     NO_DAEMON_USER,
     VENV_BIN,
     Docker,
-    Router,
     User,
     pingSocket,
+    startRouter,
     whichDocker,
 )
+from tests.integration.harness import twistdCommand
 
 REQUIRED = os.environ.get("DOCKERROUTER_E2E") == "1"
 
@@ -67,8 +67,10 @@ def environment(tmpRoot):
     problems = []
     if whichDocker() is None:
         problems.append("no docker CLI on PATH")
-    if not (VENV_BIN / "twistd").exists():
-        problems.append(f"no {VENV_BIN / 'twistd'}")
+    if not os.access(twistdCommand()[0], os.X_OK):
+        problems.append(f"no {twistdCommand()[0]}")
+    if not (VENV_BIN / "python").exists():
+        problems.append(f"no {VENV_BIN / 'python'}")
     if not stat.S_ISCHR(os.stat("/dev/null").st_mode):
         # A twistd given --logfile=/dev/null rotates it into a plain file;
         # containers then lose their output without any error.
@@ -95,18 +97,13 @@ def router(environment, tmpRoot):
     The real router, listening on a socket any user may connect to, with the
     default backend template /run/user/{uid}/docker.sock.
     """
-    directory = Path(tempfile.mkdtemp(prefix="router-", dir=tmpRoot))
-    process = Router(directory)
-    try:
-        process.start()
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
+    process = startRouter(tmpRoot)
     yield process
     status = process.stop()
     # Problems the clients never saw are findings too. (twistd ends itself
     # with the signal it stopped for, once it has shut down cleanly.)
-    assert status in (0, -signal.SIGTERM), f"router exited {status} on SIGTERM\n{process.output()}"
-    assert "Traceback" not in process.log(), f"the router logged a traceback\n{process.output()}"
+    assert status in (0, -signal.SIGTERM), f"router exited {status} on SIGTERM\n{process.evidence()}"
+    assert "Traceback" not in process.log(), f"the router logged a traceback\n{process.evidence()}"
 
 
 @pytest.fixture(params=["direct", "router"])
@@ -129,7 +126,7 @@ def dockerAs(request, via, environment):
     def make(name: str) -> Docker:
         user = environment[name]
         if via == "router":
-            socketPath = request.getfixturevalue("router").socketPath
+            socketPath = request.getfixturevalue("router").listenPath
         else:
             socketPath = user.ownSocket
         return Docker(cli, user, socketPath, via)

@@ -1,6 +1,8 @@
 """
-The pieces the end-to-end tests are made of: the test users, the docker CLI run
-as one of them against one socket, and the real router process.
+The pieces the end-to-end tests are made of: the test users and the docker CLI
+run as one of them against one socket.  The router process and the polling
+loop are the integration harness's (L{tests.integration.harness.Router},
+L{tests.integration.harness.pollUntil}).
 
 The tests run as root and start every docker client under the test user's own
 uid, because the router routes by the client's SO_PEERCRED uid: a client that
@@ -12,17 +14,21 @@ import os
 import pwd
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import termios
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
+
+import pytest
+
+from tests.integration.harness import Router
 
 # Made by .ci/rootless-docker.sh start.
 IMAGE = os.environ.get("DR_E2E_IMAGE", "dr-busybox:latest")
@@ -31,9 +37,10 @@ NO_DAEMON_USER = "dr-carol"
 USER_SOCKET_TEMPLATE = "/run/user/{uid}/docker.sock"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Other uids can't read /root (where a pyenv python may live): children under
-# a test uid use the venv's python, made from Debian's.
-VENV_BIN = Path(os.environ.get("DR_E2E_VENV_BIN", "/opt/docker-router/venv/bin"))
+# The python that clients under a test uid run (it has the Docker SDK): by
+# default the one running the tests, so it must be one other uids can reach
+# (Debian's, in a venv outside any 0700 directory; see README).
+VENV_BIN = Path(os.environ.get("DR_E2E_VENV_BIN", os.path.dirname(sys.executable)))
 
 
 def uniqueName(prefix: str = "dre2e") -> str:
@@ -41,22 +48,6 @@ def uniqueName(prefix: str = "dre2e") -> str:
     A container or image name no other test (or earlier run) uses.
     """
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def waitFor(predicate: Callable[[], object], timeout: float, what, interval: float = 0.05):
-    """
-    Poll C{predicate} until it returns something true, or fail after
-    C{timeout} seconds saying what we waited for (C{what}, or what it
-    returns when it is callable).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -206,84 +197,21 @@ class Docker:
             self.run("rm", "-f", *names, check=False, timeout=60)
 
 
-class Router:
+def startRouter(tmpRoot: str, args=()) -> Router:
     """
-    The real router, C{twistd -n docker-router}, as a child process.
+    The real router in a fresh directory below C{tmpRoot}, listening;
+    stopped by its caller.
     """
-
-    def __init__(self, directory: Path, args: Sequence[str] = ()):
-        """
-        @param args: more C{docker-router} options (C{--listen} and the
-            default backend template are always given).
-        """
-        self.directory = directory
-        self.args = list(args)
-        self.socketPath = str(directory / "docker.sock")
-        self.logPath = directory / "router.log"
-        self.process: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 30) -> None:
-        # Clients under other uids must reach the socket through this directory.
-        os.chmod(self.directory, 0o755)
-        argv = [
-            str(VENV_BIN / "twistd"),
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.logPath}",
-            "docker-router",
-            "--listen",
-            f"unix:{self.socketPath}:mode=666:lockfile=1",
-            *self.args,
-        ]
-        self.process = subprocess.Popen(
-            argv,
-            cwd=self.directory,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.directory / "twistd.out", "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while not self._accepts():
-            if self.process.poll() is not None or time.monotonic() >= deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"router did not listen on {self.socketPath} within {timeout}s "
-                    f"(exit status {self.process.returncode}); {' '.join(argv)}\n"
-                    f"{self.output()}"
-                )
-            time.sleep(0.05)
-
-    def _accepts(self) -> bool:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(self.socketPath)
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-
-    def output(self) -> str:
-        parts = []
-        for path in (self.directory / "twistd.out", self.logPath):
-            if path.exists():
-                parts.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(parts)
-
-    def log(self) -> str:
-        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
-
-    def stop(self, timeout: float = 20) -> Optional[int]:
-        """SIGTERM, and the exit status; SIGKILL only when it won't go."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"router ignored SIGTERM for {timeout}s\n{self.output()}")
+    directory = tempfile.mkdtemp(prefix="router-", dir=tmpRoot)
+    # Clients under other uids reach the socket through this directory.
+    os.chmod(directory, 0o755)
+    process = Router(directory, args=args)
+    try:
+        process.waitReady(30)
+    except AssertionError as e:
+        process.kill()
+        pytest.fail(str(e), pytrace=False)
+    return process
 
 
 class Pty:

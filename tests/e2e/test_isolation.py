@@ -7,7 +7,8 @@ error, naming their socket, quickly.
 import re
 import time
 
-from harness import Docker, uniqueName, waitFor, whichDocker
+from tests.e2e.harness import Docker, uniqueName, whichDocker
+from tests.integration.harness import pollUntil
 
 
 def test_eachUserReachesOwnDaemon(router, environment):
@@ -19,7 +20,7 @@ def test_eachUserReachesOwnDaemon(router, environment):
     ids = {}
     for name in ("dr-alice", "dr-bob"):
         user = environment[name]
-        routed = Docker(whichDocker(), user, router.socketPath, "router")
+        routed = Docker(whichDocker(), user, router.listenPath, "router")
         direct = Docker(whichDocker(), user, user.ownSocket, "direct")
         ids[name] = routed.out("info", "--format", "{{.ID}}").strip()
         assert ids[name], "empty daemon ID"
@@ -28,9 +29,9 @@ def test_eachUserReachesOwnDaemon(router, environment):
             rf"connection done: uid={user.uid} user={name} pid=\d+ backend={re.escape(user.ownSocket)} "
             r"duration=[\d.]+s to_docker=[1-9]\d* from_docker=[1-9]\d* end=\S+"
         )
-        waitFor(
+        pollUntil(
             lambda: done.search(router.log()),
-            timeout=10,
+            10,
             what=lambda: f"a 'connection done' line for {name} in\n{router.log()[-2000:]}",
         )
     assert ids["dr-alice"] != ids["dr-bob"]
@@ -81,9 +82,9 @@ def test_userWithoutDaemon(request, dockerAs, via):
         return
     assert "Error response from daemon" in stderr, stderr
     router = request.getfixturevalue("router")
-    waitFor(
+    pollUntil(
         lambda: f"rejected uid={carol.user.uid} user=dr-carol" in router.log()
         and "cause=missing" in router.log(),
-        timeout=10,
+        10,
         what=lambda: f"the router's rejection line for dr-carol in\n{router.log()[-2000:]}",
     )

@@ -8,7 +8,7 @@ Each runs directly against the user's daemon too (C{via}).
 import json
 import textwrap
 
-from harness import IMAGE, uniqueName
+from tests.e2e.harness import IMAGE, uniqueName
 
 # Shared by every snippet: a client from DOCKER_HOST, and one JSON line out.
 _PRELUDE = f"""

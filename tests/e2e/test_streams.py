@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness import Lines, Pty, uniqueName
+from tests.e2e.harness import Lines, Pty, uniqueName
 
 
 @pytest.mark.parametrize("user", ["dr-alice", "dr-bob"])

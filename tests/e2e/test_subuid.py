@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import IMAGE, Docker, Router, uniqueName, waitFor, whichDocker
+from tests.e2e.harness import IMAGE, Docker, startRouter, uniqueName, whichDocker
+from tests.integration.harness import pollUntil
 
 STATIC_CLI = "/usr/local/bin/docker"
 CONTAINER_UID = 1000
@@ -52,30 +53,20 @@ def staticCli():
     return STATIC_CLI
 
 
-def _startRouter(tmpRoot, args):
-    directory = Path(tempfile.mkdtemp(prefix="router-subuid-", dir=tmpRoot))
-    router = Router(directory, args)
-    try:
-        router.start()
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    return router
-
-
 @pytest.fixture(scope="module")
 def subuidRouter(environment, tmpRoot):
-    router = _startRouter(tmpRoot, [])
+    router = startRouter(tmpRoot, [])
     yield router
     router.stop()
-    assert "Traceback" not in router.log(), router.output()
+    assert "Traceback" not in router.log(), router.evidence()
 
 
 @pytest.fixture(scope="module")
 def noSubuidRouter(environment, tmpRoot):
-    router = _startRouter(tmpRoot, ["--no-subuid"])
+    router = startRouter(tmpRoot, ["--no-subuid"])
     yield router
     router.stop()
-    assert "Traceback" not in router.log(), router.output()
+    assert "Traceback" not in router.log(), router.evidence()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +106,7 @@ def _runInside(alice, router, cli, image, tmpRoot):
             "run", "--rm", "--name", name, "--network", "none",
             "--user", f"{CONTAINER_UID}:{CONTAINER_UID}",
             "-e", "HOME=/tmp",
-            "-v", f"{router.socketPath}:/var/run/docker.sock",
+            "-v", f"{router.listenPath}:/var/run/docker.sock",
             "-v", f"{cli}:/usr/local/bin/docker:ro",
             "-v", f"{out}:/out",
             image, "/bin/sh", "-c", script,
@@ -140,18 +131,18 @@ def test_containerUserReachesOwnersDaemon(
     """
     hostUid, inner, found = _runInside(aliceDirect, subuidRouter, staticCli, IMAGE, tmpRoot)
     status, ps, err = found["ps"]
-    assert status == 0, f"docker ps -a failed inside: {err}\n{subuidRouter.output()}"
+    assert status == 0, f"docker ps -a failed inside: {err}\n{subuidRouter.evidence()}"
     names = ps.split()
     assert marker in names and inner in names, names
     status, images, err = found["images"]
     assert status == 0, f"docker images failed inside: {err}"
     assert IMAGE in images.split(), images
     own = aliceDirect.user.ownSocket
-    waitFor(
+    pollUntil(
         lambda: re.search(
             rf"connection done: uid={hostUid} .*backend={re.escape(own)} ", subuidRouter.log()
         ),
-        timeout=10,
+        10,
         what=lambda: f"uid {hostUid} routed to {own} in\n{subuidRouter.log()[-3000:]}",
     )
 
@@ -170,8 +161,8 @@ def test_noSubuidRefusesContainerUser(
         assert "Error response from daemon" in err, err
         assert str(hostUid) in err, err
         assert inner not in out
-    waitFor(
+    pollUntil(
         lambda: re.search(rf"rejected uid={hostUid} .*cause=missing", noSubuidRouter.log()),
-        timeout=10,
+        10,
         what=lambda: f"the rejection of uid {hostUid} in\n{noSubuidRouter.log()[-3000:]}",
     )

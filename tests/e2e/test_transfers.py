@@ -10,7 +10,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import uniqueName
+from tests.e2e.harness import uniqueName
 
 MiB = 1 << 20
 

@@ -400,6 +400,64 @@ def backend(conf):
 # The agent: a client socket driven by the harness, one JSON command a line.
 
 
+def exchange(socks, payload, timeout):
+    """
+    On every socket at once, in one select loop: send C{payload}, half-close,
+    and read the answer to EOF (also when the send failed).  Answers are counted as C{"echo"} when they
+    echo C{payload}, otherwise by their first line (C{""} for none), with a
+    few samples of those.
+    """
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    answers = {}
+    errors = {}
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            sent = sock.send(payload)
+            if sent != len(payload):
+                raise RuntimeError("short send %d" % (sent,))
+            sock.shutdown(socket.SHUT_WR)
+        except Exception as e:
+            # The router may have answered and closed already: read it anyway.
+            errors["send:" + errorName(e)] = errors.get("send:" + errorName(e), 0) + 1
+        answers[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_READ)
+    done = {}
+    samples = []
+    deadline = time.monotonic() + timeout
+    while answers and time.monotonic() < deadline:
+        for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+            sock = key.fileobj
+            try:
+                more = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except Exception as e:
+                more = None
+                errors["recv:" + errorName(e)] = errors.get("recv:" + errorName(e), 0) + 1
+            if more:
+                answers[sock] += more
+                continue
+            answer = bytes(answers.pop(sock))
+            selector.unregister(sock)
+            sock.close()
+            if more is None:
+                continue
+            if answer == payload:
+                kind = "echo"
+            else:
+                kind = answer.split(b"\r\n", 1)[0].decode("latin-1")
+                if len(samples) < 3:
+                    samples.append(answer[:300].decode("latin-1"))
+            done[kind] = done.get(kind, 0) + 1
+    unanswered = len(answers)
+    for sock in answers:
+        sock.close()
+    return {"answers": done, "unanswered": unanswered, "errors": errors, "samples": samples}
+
+
 def _connect(path, timeout):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -699,14 +757,10 @@ class Agent:
     def op_burst(self, path, count, data, timeout=60):
         """
         C{count} non-blocking connects at once (the docker CLI's way, where a
-        full backlog is EAGAIN), then on each connection that got in: send
-        C{data}, half-close, and read the answer to EOF, all in one select
-        loop.  Answers are counted by whether they echo C{data}.
+        full backlog is EAGAIN), then L{exchange} on each connection that got
+        in.
         """
-        import selectors
-
         raiseNofile()
-        payload = _unb64(data)
         started = time.monotonic()
         socks = []
         connects = {}
@@ -721,60 +775,20 @@ class Agent:
             else:
                 sock.close()
         connected = time.monotonic()
-        selector = selectors.DefaultSelector()
-        answers = {}
-        errors = {}
-        for sock in socks:
-            try:
-                sent = sock.send(payload)
-                if sent != len(payload):
-                    raise RuntimeError("short send %d" % (sent,))
-                sock.shutdown(socket.SHUT_WR)
-            except Exception as e:
-                errors["send:" + errorName(e)] = errors.get("send:" + errorName(e), 0) + 1
-                sock.close()
-                continue
-            answers[sock] = bytearray()
-            selector.register(sock, selectors.EVENT_READ)
-        done = {"echo": 0, "other": 0}
-        samples = []
-        deadline = time.monotonic() + timeout
-        while answers and time.monotonic() < deadline:
-            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                sock = key.fileobj
-                try:
-                    more = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except Exception as e:
-                    more = None
-                    errors["recv:" + errorName(e)] = errors.get("recv:" + errorName(e), 0) + 1
-                if more:
-                    answers[sock] += more
-                    continue
-                answer = bytes(answers.pop(sock))
-                selector.unregister(sock)
-                sock.close()
-                if more is None:
-                    continue
-                if answer == payload:
-                    done["echo"] += 1
-                else:
-                    done["other"] += 1
-                    if len(samples) < 3:
-                        samples.append(answer[:300].decode("latin-1"))
-        unanswered = len(answers)
-        for sock in answers:
-            sock.close()
-        return {
-            "connects": connects,
-            "answers": done,
-            "unanswered": unanswered,
-            "errors": errors,
-            "samples": samples,
-            "connectSeconds": connected - started,
-            "seconds": time.monotonic() - started,
-        }
+        result = exchange(socks, _unb64(data), timeout)
+        result.update(
+            connects=connects,
+            connectSeconds=connected - started,
+            seconds=time.monotonic() - started,
+        )
+        return result
+
+    def op_exchangeHeld(self, data, timeout=60):
+        """
+        L{exchange} on every held connection at once; they are closed after.
+        """
+        held, self.held = getattr(self, "held", []), []
+        return exchange(held, _unb64(data), timeout)
 
     def op_scenario(self, path, steps, timeout=10):
         """

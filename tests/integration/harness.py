@@ -77,8 +77,11 @@ class Deadline:
 
 def pollUntil(predicate, seconds, interval=0.02, what="condition"):
     """
-    Call C{predicate} until it returns something true, and return that.
+    Call C{predicate} until it returns something true, and return that: the
+    one polling loop of the integration and end-to-end harnesses.
 
+    @param what: what we wait for, or a callable saying it (called only on a
+        timeout, so that it can show the latest state).
     @raise AssertionError: when C{seconds} pass first, naming C{what}.
     """
     deadline = Deadline(seconds)
@@ -87,7 +90,9 @@ def pollUntil(predicate, seconds, interval=0.02, what="condition"):
         if value:
             return value
         if deadline.expired():
-            raise AssertionError("timed out after %ss waiting for %s" % (seconds, what))
+            raise AssertionError(
+                "timed out after %ss waiting for %s" % (seconds, what() if callable(what) else what)
+            )
         time.sleep(interval)
 
 
@@ -318,24 +323,35 @@ class Agent(Child):
 
 class Router:
     """
-    The real C{twistd -n docker-router} process.
+    The real C{twistd -n docker-router} process: the one launcher of the
+    integration and end-to-end tests.
     """
 
-    def __init__(self, harness, name, listenPath, template, args=(), wrapper=(), listen=None):
+    def __init__(
+        self, directory, name="router", listenPath=None, template=None, args=(), wrapper=(), listen=None
+    ):
+        """
+        @param directory: where its log, output and (by default) socket go;
+            other uids must be able to traverse it to reach the socket.
+        @param template: C{--user-socket}, or C{None} for the default.
+        @param listen: the C{--listen} endpoint, if not a Unix socket at
+            C{listenPath}.
+        """
         self.name = name
-        self.listenPath = listenPath
-        self.logPath = os.path.join(harness.tmp, "%s.log" % (name,))
-        self.outputPath = os.path.join(harness.tmp, "%s.output" % (name,))
+        self.listenPath = listenPath or os.path.join(directory, "%s.sock" % (name,))
+        self.logPath = os.path.join(directory, "%s.log" % (name,))
+        self.outputPath = os.path.join(directory, "%s.output" % (name,))
         self.command = list(wrapper) + twistdCommand() + [
             "-n",
             "--pidfile=",
             "--logfile=" + self.logPath,
             "docker-router",
             "--listen",
-            listen or "unix:%s:mode=666:lockfile=1" % (listenPath,),
-            "--user-socket",
-            template,
-        ] + list(args)
+            listen or "unix:%s:mode=666:lockfile=1" % (self.listenPath,),
+        ]
+        if template is not None:
+            self.command += ["--user-socket", template]
+        self.command += list(args)
         output = open(self.outputPath, "wb")
         try:
             self.process = subprocess.Popen(
@@ -343,12 +359,11 @@ class Router:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                cwd=harness.tmp,
+                cwd=directory,
                 start_new_session=True,
             )
         finally:
             output.close()
-        harness.track(self)
 
     @property
     def pid(self):
@@ -396,18 +411,21 @@ class Router:
         """
         Poll-connect until the router accepts (the contract's readiness).
         """
-        deadline = Deadline(seconds)
-        while self.tryConnect() is not None:
+
+        def listening():
             if self.process.poll() is not None:
                 raise AssertionError(
                     "router exited with %s before listening\n%s"
                     % (self.process.returncode, self.evidence())
                 )
-            if deadline.expired():
-                raise AssertionError(
-                    "router not listening within %ss\n%s" % (seconds, self.evidence())
-                )
-            time.sleep(0.05)
+            return self.tryConnect() is None
+
+        pollUntil(
+            listening,
+            seconds,
+            interval=0.05,
+            what=lambda: "the router to listen on %s\n%s" % (self.listenPath, self.evidence()),
+        )
         return self
 
     def waitExit(self, seconds):
@@ -463,6 +481,19 @@ class Router:
         """
         match = self.waitLog(r"connection done: (.*\bpid=%d\b.*)$" % (pid,), seconds)
         return dict(re.findall(r"(\w+)=(\S+)", match.group(1)))
+
+    def stop(self, seconds=20):
+        """
+        SIGTERM, and the exit status; SIGKILL (and a failure) only when it
+        won't go.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        status = self.waitExit(seconds)
+        if status is None:
+            self.kill()
+            raise AssertionError("router ignored SIGTERM for %ss\n%s" % (seconds, self.evidence()))
+        return status
 
     def kill(self):
         killGroup(self.process)
@@ -531,7 +562,7 @@ class Harness:
             C{listenPath}.
         """
         router = Router(
-            self,
+            self.tmp,
             self._name("router"),
             listenPath or self.listenPath,
             template or self.template,
@@ -539,6 +570,7 @@ class Harness:
             wrapper,
             listen,
         )
+        self.track(router)
         if ready:
             router.waitReady()
         return router

@@ -31,7 +31,8 @@ VALID = [
     b"HEAD /_ping HTTP/1.0\r\n\r\n",
 ]
 
-# Past the responder's 64 KiB head limit, to take that path too.
+# Past the responder's request-line limit (ErrorResponder.maxLineBytes), to
+# take that path too.
 BIG = 80 * 1024
 
 

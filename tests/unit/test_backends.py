@@ -29,7 +29,7 @@ ALICE = Backend(path="/run/user/1000/docker.sock", uid=1000, user="alice")
 
 class ResolverTests(SynchronousTestCase):
     def test_fillsUidAndUser(self) -> None:
-        resolver = BackendResolver("/srv/{user}/{uid}.sock", lookupName={1000: "alice"}.get)
+        resolver = BackendResolver("/srv/{user}/{uid}.sock", lookupName={1000: "alice"}.__getitem__)
         self.assertEqual(
             resolver.resolve(Credentials(pid=5, uid=1000, gid=1000)),
             Backend("/srv/alice/1000.sock", 1000, "alice"),
@@ -140,7 +140,11 @@ class RecentNamesTests(SynchronousTestCase):
 
         clock = Clock()
         lookups: list[int] = []
-        self.patch(backends, "userName", lambda uid: lookups.append(uid) or f"user{len(lookups)}")
+        def userName(uid: int) -> str:
+            lookups.append(uid)
+            return f"user{len(lookups)}"
+
+        self.patch(backends, "userName", userName)
         names = backends.RecentNames(clock.seconds, ttl=60)
         self.assertEqual([names(1000), names(1000), names(1001)], ["user1", "user1", "user2"])
         clock.advance(60)

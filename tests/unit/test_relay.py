@@ -6,6 +6,7 @@ before anything moves, connect retries, rejection, records and the drain.
 
 import errno
 import os
+from typing import Optional
 
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
@@ -37,15 +38,15 @@ class RelayTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.factory = RouterFactory(
             self.reactor,
-            BackendResolver("/run/user/{uid}/docker.sock", lookupName={1000: "alice"}.get),
+            BackendResolver("/run/user/{uid}/docker.sock", lookupName={1000: "alice"}.__getitem__),
             connectTimeout=5,
         )
         self.factory.routerPid = lambda: ROUTER_PID
         self.connects: list[str] = []
         self.daemons: list[FakeDaemonSocket] = []
         self.daemon = ALICE_DAEMON
-        self.connectError: object = None
-        self.factory.connectUnix = self.connectUnix
+        self.connectError: Optional[Exception] = None
+        self.factory.connectUnix = self.connectUnix  # type: ignore[assignment]
 
     def connectUnix(self, path: str) -> FakeDaemonSocket:
         self.connects.append(path)
@@ -57,6 +58,7 @@ class RelayTests(SynchronousTestCase):
 
     def connectClient(self) -> tuple[ServerProtocol, PeerTransport]:
         server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
         transport = PeerTransport(ALICE)
         server.makeConnection(transport)
         return server, transport
@@ -179,10 +181,11 @@ class DrainTests(SynchronousTestCase):
             self.reactor, BackendResolver("/x/{uid}"), connectTimeout=5
         )
         self.factory.routerPid = lambda: ROUTER_PID
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)
+        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)  # type: ignore
 
     def relay(self) -> ServerProtocol:
         server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
         server.makeConnection(PeerTransport(ALICE))
         return server
 
@@ -206,7 +209,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.reactor.readers, set())
 
     def test_abortsOneBeingRejected(self) -> None:
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(Credentials(1, 0, 0))
+        self.factory.connectUnix = lambda path: FakeDaemonSocket(Credentials(1, 0, 0))  # type: ignore
         server = self.relay()
         transport = server.transport
         self.factory.drain(10)

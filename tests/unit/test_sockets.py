@@ -8,9 +8,10 @@ import os
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorUNIX
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -45,7 +46,7 @@ class Peer(Protocol):
         if self.readDone and self.writeDone:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(None)
 
 
@@ -119,9 +120,9 @@ class RealSocketTests(TestCase):
             self.backends.append(backend)
             return backend
 
-        backendFactory = Factory.forProtocol(buildBackend)
+        backendFactory: Factory = Factory.forProtocol(buildBackend)
         backendFactory.noisy = False
-        backendPort = reactor.listenUNIX(f"{directory}/{os.getuid()}.sock", backendFactory)
+        backendPort = IReactorUNIX(reactor).listenUNIX(f"{directory}/{os.getuid()}.sock", backendFactory)
         self.addCleanup(backendPort.stopListening)
         self.router = RouterFactory(
             reactor, BackendResolver(directory + "/{uid}.sock"), connectTimeout=5
@@ -129,7 +130,7 @@ class RealSocketTests(TestCase):
         # Backend and router share this process; only the uid is checked here.
         self.router.routerPid = lambda: -1
         self.routerPath = f"{directory}/router.sock"
-        routerPort = reactor.listenUNIX(self.routerPath, self.router)
+        routerPort = IReactorUNIX(reactor).listenUNIX(self.routerPath, self.router)
         self.addCleanup(routerPort.stopListening)
 
     async def connectClient(self) -> Peer:

@@ -2,13 +2,17 @@
 The command line, the services it makes, and log levels on their way to syslog.
 """
 
+import io
 import syslog
+from contextlib import redirect_stdout
+from importlib.metadata import version
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from dockerrouter import __version__
 from dockerrouter.logging import RouterLogger
 from dockerrouter.tap import DEFAULT_BACKLOG, Options, makeService, withBacklog
 
@@ -25,6 +29,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["listen"], ["unix:/var/run/docker.sock:mode=666:lockfile=1"])
         self.assertEqual(options["user-socket"], "/run/user/{uid}/docker.sock")
         self.assertEqual((options["connect-timeout"], options["shutdown-timeout"]), (5, 10))
+
+    def test_version(self) -> None:
+        """
+        C{--version} names our version, not Twisted's (usage.Options' own).
+        """
+        out = io.StringIO()
+        with redirect_stdout(out), self.assertRaises(SystemExit) as caught:
+            parse("--version")
+        self.assertEqual(caught.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"docker-router {__version__}\n")
+
+    def test_versionInOnePlace(self) -> None:
+        """
+        The installed distribution takes its version from the package.
+        """
+        self.assertEqual(version("docker-router"), __version__)
 
     def test_repeatableListen(self) -> None:
         options = parse("--listen", "unix:/tmp/a.sock", "--listen", "tcp:2375:interface=127.0.0.1")
@@ -112,7 +132,8 @@ class SyslogObserverTests(SynchronousTestCase):
         sent: list[int] = []
         self.patch(twistedSyslog.SyslogObserver, "openlog", lambda *args: None)
         self.patch(twistedSyslog.SyslogObserver, "syslog", lambda self, priority, line: sent.append(priority))
-        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)
+        # What twistd --syslog does; its annotation wants the new-style interface.
+        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)  # type: ignore[arg-type]
         log = RouterLogger(observer=observer)
         log.info("i")
         log.warn("w")
