@@ -8,6 +8,8 @@ made by an agent running as the owner, mapped by root as newuidmap would.
 """
 
 import os
+import shutil
+import unittest
 
 from tests.integration.harness import UID_A, UID_B, IntegrationTestCase, unb64
 
@@ -19,10 +21,10 @@ COUNT = 65536
 class SubordinateRoutingTests(IntegrationTestCase):
     def setUp(self):
         IntegrationTestCase.setUp(self)
-        subuid = os.path.join(self.harness.tmp, "subuid")
-        with open(subuid, "w") as f:
+        self.subuid = os.path.join(self.harness.tmp, "subuid")
+        with open(self.subuid, "w") as f:
             f.write(f"{UID_A}:{START_A}:{COUNT}\n{UID_B}:{START_B}:{COUNT}\n")
-        self.router = self.harness.startRouter(["--subuid-file", subuid])
+        self.router = self.harness.startRouter(["--subuid-file", self.subuid])
 
     def inNamespace(self, owner, start, containerUid=5):
         """
@@ -53,6 +55,29 @@ class SubordinateRoutingTests(IntegrationTestCase):
         self.assertEqual((done["uid"], done["backend"]), (str(hostUid), self.harness.backendPath(UID_A)))
         agent.call("unshareUser")
         self.assertServedBy(self.ping(agent), UID_A, self.router)
+
+    def test_withTheUnitsCapabilities(self):
+        """
+        The capabilities etc/docker-router.service keeps are enough to read
+        a client's namespace (CAP_SYS_PTRACE); without CAP_SYS_PTRACE there
+        is no proof, and the client is routed as itself.
+        """
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise unittest.SkipTest("setpriv (util-linux) is needed to limit capabilities")
+        self.harness.startBackend(UID_A, "http")
+        for keep, served in (("+dac_override,+sys_ptrace", True), ("+dac_override", False)):
+            router = self.harness.startRouter(
+                ["--subuid-file", self.subuid],
+                listenPath=os.path.join(self.harness.tmp, "caps%s.sock" % (served,)),
+                wrapper=[setpriv, "--inh-caps=-all", "--bounding-set=-all," + keep, "--"],
+            )
+            agent, hostUid = self.inNamespace(UID_A, START_A)
+            reply = agent.call("http", path=router.listenPath, method="GET", url="/_ping")
+            if served:
+                self.assertServedBy(reply, UID_A, router)
+            else:
+                self.assertCleanHttpError(reply, hostUid, self.harness.backendPath(hostUid))
 
     def test_realAccountInsideARange(self):
         """
