@@ -22,6 +22,9 @@ import struct
 import time
 from typing import Optional
 
+from dockerrouter.logging import RouterLogger
+
+log = RouterLogger()
 # Not in Python 3.11's socket module (Linux 6.5).
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 # <linux/pidfd.h>: _IO(PIDFS_IOCTL_MAGIC 0xFF, 9) (Linux 6.11).
@@ -36,6 +39,7 @@ _UID = struct.Struct("I")
 _UNSUPPORTED = (errno.ENOPROTOOPT, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 
 _ours: Optional[tuple[int, int]] = None
+_warnedDenied = False
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -64,12 +68,26 @@ def outermostOwner(sock: socket.socket, pid: int) -> Optional[int]:
     """
     try:
         namespace = _peerNamespace(sock, pid)
-    except OSError:
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            _warnDenied(e)
         return None
     try:
         return _walkUp(namespace)
     finally:
         os.close(namespace)
+
+
+def _warnDenied(reason: OSError) -> None:
+    """Say once that no client's namespace can be read, and what it costs."""
+    global _warnedDenied
+    if not _warnedDenied:
+        _warnedDenied = True
+        log.warn(
+            "cannot read the user namespace of clients ({error}; is CAP_SYS_PTRACE "
+            "missing?): processes in rootless containers are routed as their own uid",
+            error=os.strerror(reason.errno),
+        )
 
 
 def _walkUp(namespace: int) -> Optional[int]:

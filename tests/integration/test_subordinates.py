@@ -78,6 +78,7 @@ class SubordinateRoutingTests(IntegrationTestCase):
                 self.assertServedBy(reply, UID_A, router)
             else:
                 self.assertCleanHttpError(reply, hostUid, self.harness.backendPath(hostUid))
+                router.waitLog(r"cannot read the user namespace of clients .*CAP_SYS_PTRACE")
 
     def test_realAccountInsideARange(self):
         """

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import unittest
 
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter import namespaces
@@ -107,3 +108,21 @@ class OutermostOwnerTests(SynchronousTestCase):
         process.stdin.close()
         process.wait()
         self.assertIsNone(outermostOwner(sock, process.pid))
+
+
+class DeniedTests(SynchronousTestCase):
+    def test_warnsOnce(self) -> None:
+        """
+        Without CAP_SYS_PTRACE the kernel refuses every namespace: the
+        operator reads why once, each client routes as itself.
+        """
+
+        def denied(sock, pid):
+            raise PermissionError(13, "Permission denied")
+
+        self.patch(namespaces, "_peerNamespace", denied)
+        self.patch(namespaces, "_warnedDenied", False)
+        with capturedLogs() as events:
+            self.assertEqual([outermostOwner(None, 1), outermostOwner(None, 2)], [None, None])
+        [warning] = events
+        self.assertIn("CAP_SYS_PTRACE", warning["log_format"])
