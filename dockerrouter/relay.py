@@ -37,10 +37,10 @@ from dockerrouter.backends import (
     verifyDaemon,
 )
 from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
-from dockerrouter.visibility import Viewer, look
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
+from dockerrouter.visibility import Viewer, look
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
