@@ -10,14 +10,21 @@ import bisect
 import errno
 import os
 import pwd
+import shutil
+import socket
 import stat
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Union
 
 from attrs import frozen
 
 from dockerrouter.credentials import Credentials
+from dockerrouter.namespaces import outermostOwner
+from dockerrouter.visibility import Found, Missing
 
 DEFAULT_TEMPLATE = "/run/user/{uid}/docker.sock"
+SETUP_TOOL = "dockerd-rootless-setuptool.sh"
+# Where Debian's docker.io puts it (not on PATH).
+SETUP_TOOL_DIRECTORIES = ("/usr/share/docker.io/contrib",)
 
 
 @frozen
@@ -73,8 +80,14 @@ class RecentNames:
 class BackendResolver:
     """
     Fills the socket path template for a client: its own uid's, or, for a
-    uid in a user's subordinate range (a process in that user's rootless
-    container), the owning user's.
+    process in a user's rootless container, the owning user's.
+
+    A uid in a user's subordinate range is routed to that user only when
+    the client runs in a user namespace that user owns (the outermost one
+    below the router's): a real account may have a uid inside someone's
+    range, and a namespace of someone else's may map it.
+
+    @ivar advice: what to tell this host's users (see L{Advice}).
     """
 
     def __init__(
@@ -82,17 +95,42 @@ class BackendResolver:
         template: str,
         lookupName: Callable[[int], str] = userName,
         subordinates: Optional["SubordinateIds"] = None,
+        namespaceOwner: Callable[[socket.socket, int], Optional[int]] = outermostOwner,
+        advice: Optional["Advice"] = None,
     ) -> None:
         self.template = template
         self._lookupName = lookupName
         self._subordinates = subordinates
+        self._namespaceOwner = namespaceOwner
+        self.advice = advice or Advice()
 
-    def resolve(self, client: Credentials) -> Backend:
+    def resolve(self, client: Credentials, sock: Optional[socket.socket] = None) -> Backend:
+        """
+        The backend of C{client}, connected on C{sock} (without it, a
+        subordinate uid can't be proven and routes as itself).
+        """
         uid = client.uid
         if self._subordinates is not None:
-            uid = self._subordinates.owner(uid)
+            owner = self._subordinates.owner(uid)
+            if owner != uid and sock is not None and self._namespaceOwner(sock, client.pid) == owner:
+                uid = owner
         user = self._lookupName(uid)
         return Backend(path=self.template.format(uid=uid, user=user), uid=uid, user=user)
+
+
+def loginDefsUidMin(path: str = "/etc/login.defs", default: int = 1000) -> int:
+    """
+    C{UID_MIN} of C{login.defs(5)}: the lowest uid of a regular account.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "UID_MIN" and fields[1].isdigit():
+                    return int(fields[1])
+    except OSError:
+        pass
+    return default
 
 
 class SubordinateIds:
@@ -102,9 +140,12 @@ class SubordinateIds:
 
     Inside a user's rootless container, root is the user and every other uid
     is one of their subordinate ids; those processes belong to that user's
-    daemon.  Lines that are broken, name an unknown user or overlap another
-    range are ignored (an id claimed twice has no owner we could trust),
-    with a warning from C{warn}.  uid 0 never maps to anyone.
+    daemon.  Lines that are broken, name an unknown user, belong to root or
+    a system account (below C{uidMin}: Proxmox and LXD give root ranges,
+    and no client may be sent to root's socket this way) or overlap another
+    range (an id claimed twice has no owner we could trust) are ignored,
+    each with a warning from C{warn} when the file is read.  uid 0 never
+    maps to anyone.
 
     The file is looked at (one C{stat}) at most once a second, not on every
     connection.
@@ -113,9 +154,14 @@ class SubordinateIds:
     checkInterval = 1.0
 
     def __init__(
-        self, path: str, warn: Callable[[str], None], clock: Callable[[], float]
+        self,
+        path: str,
+        warn: Callable[[str], None],
+        clock: Callable[[], float],
+        uidMin: int = 1000,
     ) -> None:
         self.path = path
+        self.uidMin = uidMin
         self._warn = warn
         self._clock = clock
         self._nextCheck = float("-inf")
@@ -171,30 +217,112 @@ class SubordinateIds:
                 self._warn(f"{self.path}:{number}: ignored ({e}): {line!r}")
                 continue
             ranges.append((start, count, owner, number))
-        ranges.sort()
-        overlapping: set[int] = set()
-        for (s1, c1, _, n1), (s2, _, _, n2) in zip(ranges, ranges[1:]):
-            if s2 < s1 + c1:
-                overlapping.update((n1, n2))
-        for number in sorted(overlapping):
-            self._warn(f"{self.path}:{number}: ignored (its range overlaps another)")
-        return [(s, c, o) for s, c, o, n in ranges if n not in overlapping]
+        ignored = {}
+        for number in _overlapping(ranges):
+            ignored[number] = "its range overlaps another"
+        for _, _, owner, number in ranges:
+            if owner < self.uidMin and number not in ignored:
+                ignored[number] = f"owned by uid {owner}, below UID_MIN {self.uidMin}"
+        for number, why in sorted(ignored.items()):
+            self._warn(f"{self.path}:{number}: ignored ({why})")
+        return sorted((s, c, o) for s, c, o, n in ranges if n not in ignored)
+
+
+def _overlapping(ranges: list[tuple[int, int, int, int]]) -> set[int]:
+    """
+    The line numbers of the (start, count, owner, line) ranges that overlap
+    any other: sorted by start, ranges that overlap one another chain into
+    runs, and every range of a run of two or more overlaps some other one
+    (nested or chained, not just its neighbour).
+    """
+    overlapping: set[int] = set()
+    run: list[int] = []
+    end = 0
+    for start, count, _, number in sorted(ranges):
+        if run and start < end:
+            run.append(number)
+        else:
+            if len(run) > 1:
+                overlapping.update(run)
+            run = [number]
+        end = max(end, start + count) if len(run) > 1 else start + count
+    if len(run) > 1:
+        overlapping.update(run)
+    return overlapping
+
+
+def findSetupTool(
+    which: Callable[[str], Optional[str]] = shutil.which,
+    directories: tuple[str, ...] = SETUP_TOOL_DIRECTORIES,
+) -> str:
+    """
+    The command that sets up a rootless daemon on this host: its bare name
+    when it is on PATH (or nowhere to be found), else its full path where
+    the distribution put it.  Looked for once, at start.
+    """
+    if which(SETUP_TOOL) is None:
+        for directory in directories:
+            candidate = os.path.join(directory, SETUP_TOOL)
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return SETUP_TOOL
+
+
+@frozen
+class Advice:
+    """
+    What the router tells this host's users to do about a problem.
+
+    @ivar setupTool: the command that sets up a rootless daemon here.
+    @ivar site: an administrator's text (a sentence, a URL) that replaces
+        the router's own advice, or extends it where it says C{{advice}}.
+    """
+
+    setupTool: str = SETUP_TOOL
+    site: Optional[str] = None
+
+    def render(self, reason: "BackendUnusable") -> str:
+        """The whole message of C{reason}: what is wrong, then what to do."""
+        fields = dict(
+            path=reason.backend.path,
+            user=reason.backend.user,
+            uid=reason.backend.uid,
+            detail=reason.detail,
+            setupTool=self.setupTool,
+        )
+        problem = reason.template.format(**fields)
+        if reason.advice is None:
+            return problem + "."
+        own = reason.advice.format(**fields)
+        if self.site is not None:
+            own = self.site.replace("{advice}", own) if "{advice}" in self.site else self.site
+        return f"{problem}; {own.rstrip('.')}."
+
+
+_START_DAEMON = (
+    "start your rootless daemon with `systemctl --user start docker` (set it "
+    "up once with `{setupTool} install --force`)"
+)
 
 
 class BackendUnusable(Exception):
     """
     Why a client can't be connected to its daemon: a cause for the log, an
-    HTTP status and one actionable sentence for the client's docker CLI.
+    HTTP status and one actionable sentence for the client's docker CLI
+    (what is wrong, L{template}, then what to do, L{advice}; see L{Advice}).
     """
 
     cause: ClassVar[str] = "unusable"
     status: ClassVar[int] = 502
     # Whether to read the request before answering (see ErrorResponder).
     waitForRequest: ClassVar[bool] = True
+    # Whether it says something about what is at the path, which the client
+    # may only read if they could see it for themselves (see forTheUser).
+    aboutThePath: ClassVar[bool] = True
     template: ClassVar[str] = (
-        "docker-router cannot use {path} for user {user} (uid {uid}): "
-        "{detail}."
+        "docker-router cannot use {path} for user {user} (uid {uid}): {detail}"
     )
+    advice: ClassVar[Optional[str]] = None
 
     def __init__(self, backend: Backend, detail: str = "") -> None:
         super().__init__(backend, detail)
@@ -203,12 +331,12 @@ class BackendUnusable(Exception):
 
     @property
     def message(self) -> str:
-        return self.template.format(
-            path=self.backend.path,
-            user=self.backend.user,
-            uid=self.backend.uid,
-            detail=self.detail,
-        )
+        """The message with the router's own advice."""
+        return Advice().render(self)
+
+    def forTheLog(self) -> "BackendUnusable":
+        """The reason as the operator reads it."""
+        return self
 
     def __str__(self) -> str:
         return self.message
@@ -219,11 +347,32 @@ class NoDaemon(BackendUnusable):
     status = 503
     template = (
         "No Docker daemon is running for user {user} (uid {uid}): there is "
-        "nothing at {path}; start your rootless daemon with "
-        "`systemctl --user start docker` (set it up once with "
-        "`dockerd-rootless-setuptool.sh install --force`) and run "
-        "`loginctl enable-linger {user}` to keep it running after you log out."
+        "nothing at {path}"
     )
+    advice = (
+        _START_DAEMON + " and run `loginctl enable-linger {user}` to keep it "
+        "running after you log out"
+    )
+
+
+class NoRuntimeDirectory(NoDaemon):
+    template = (
+        "No Docker daemon is running for user {user} (uid {uid}): there is "
+        "nothing at {path}, because the user has no runtime directory "
+        "{detail} (they are not logged in, and have no linger)"
+    )
+    advice = (
+        "run `loginctl enable-linger {user}` so that it exists without a "
+        "login, then " + _START_DAEMON
+    )
+
+
+class DanglingLink(NoDaemon):
+    template = (
+        "No Docker daemon is running for user {user} (uid {uid}): {path} is "
+        "a symbolic link to {detail}, which does not exist"
+    )
+    advice = _START_DAEMON + " or point the link at its socket"
 
 
 class DaemonRefuses(BackendUnusable):
@@ -231,28 +380,28 @@ class DaemonRefuses(BackendUnusable):
     status = 503
     template = (
         "The Docker daemon socket of user {user} (uid {uid}) at {path} "
-        "refuses connections: the daemon has stopped and left a stale "
-        "socket; restart it with `systemctl --user restart docker`."
+        "refuses connections: the daemon has stopped and left a stale socket"
     )
+    advice = "restart it with `systemctl --user restart docker`"
 
 
 class NotASocket(BackendUnusable):
     cause = "not-a-socket"
     template = (
         "{path}, where the Docker daemon of user {user} (uid {uid}) should "
-        "listen, is not a socket; remove it and start your rootless daemon "
-        "with `systemctl --user start docker`."
+        "listen, is not a socket"
     )
+    advice = "remove it and start your rootless daemon with `systemctl --user start docker`"
 
 
 class WrongOwner(BackendUnusable):
     cause = "wrong-owner"
     status = 403
     template = (
-        "The daemon at {path} runs as uid {detail}, not as user {user} "
-        "(uid {uid}), so docker-router refuses to connect you to it for "
-        "safety; point {path} at your own rootless Docker daemon."
+        "The socket at {path} belongs to uid {detail}, not to user {user} "
+        "(uid {uid}), so docker-router refuses to connect you to it for safety"
     )
+    advice = "point {path} at your own rootless Docker daemon"
 
 
 class RouterLoop(BackendUnusable):
@@ -260,9 +409,9 @@ class RouterLoop(BackendUnusable):
     status = 403
     template = (
         "{path} leads back to docker-router itself, not to a Docker daemon "
-        "of user {user} (uid {uid}); point it at your own rootless daemon "
-        "(`systemctl --user start docker`)."
+        "of user {user} (uid {uid})"
     )
+    advice = "point it at your own rootless daemon (`systemctl --user start docker`)"
 
 
 class ConnectTimeout(BackendUnusable):
@@ -271,27 +420,53 @@ class ConnectTimeout(BackendUnusable):
     template = (
         "The Docker daemon of user {user} (uid {uid}) at {path} did not "
         "accept the connection within {detail} seconds; it may be hung or "
-        "overloaded: check it with `systemctl --user status docker`."
+        "overloaded"
     )
+    advice = "check it with `systemctl --user status docker`"
 
 
 class PermissionDenied(BackendUnusable):
     cause = "permission"
     template = (
         "docker-router was denied permission to connect to {path} for user "
-        "{user} (uid {uid}); make sure the socket and the directories above "
-        "it are reachable ({detail})."
+        "{user} (uid {uid}) ({detail})"
     )
+    advice = "make sure the socket and the directories above it are reachable"
+
+
+class Concealed(BackendUnusable):
+    """
+    What the client reads about a path that leads where they can't look:
+    one sentence whatever is there, so that the router's answer can't tell
+    them what root sees.  The operator's log keeps the real reason.
+    """
+
+    status = 502
+    template = (
+        "docker-router cannot use {path} for user {user} (uid {uid}): it "
+        "does not lead to a Docker daemon socket of this user that "
+        "docker-router can use"
+    )
+    advice = "point it at your own rootless Docker daemon (`systemctl --user start docker`)"
+
+    def __init__(self, reason: BackendUnusable) -> None:
+        super().__init__(reason.backend)
+        self.reason = reason
+        self.cause = reason.cause  # type: ignore[misc]
+
+    def forTheLog(self) -> BackendUnusable:
+        return self.reason
 
 
 class TooManyForUser(BackendUnusable):
     cause = "too-many"
     status = 429
     waitForRequest = False
+    aboutThePath = False
     template = (
         "docker-router allows user {user} (uid {uid}) at most {detail} "
         "connections at once; close some (idle `docker events`, `logs -f` or "
-        "attach sessions) and try again ({path})."
+        "attach sessions) and try again ({path})"
     )
 
 
@@ -299,20 +474,37 @@ class TooManyInTotal(BackendUnusable):
     cause = "too-many"
     status = 429
     waitForRequest = False
+    aboutThePath = False
     template = (
         "docker-router is serving its limit of {detail} connections, so it "
         "cannot take this one for user {user} (uid {uid}, {path}) now; try "
-        "again in a moment."
+        "again in a moment"
     )
 
 
 class RouterOutOfDescriptors(BackendUnusable):
     cause = "router-busy"
     status = 503
+    aboutThePath = False
     template = (
         "docker-router has run out of file descriptors ({detail}) and cannot "
-        "connect user {user} (uid {uid}) to {path} now; try again in a moment."
+        "connect user {user} (uid {uid}) to {path} now; try again in a moment"
     )
+
+
+def checkSocketFile(backend: Backend, target: os.stat_result) -> None:
+    """
+    Before connecting: the file the path leads to must be a socket owned by
+    the uid the daemon must run as.  Root connects to nothing else, so a
+    user can't make it knock on another user's socket (a systemd
+    C{Accept=yes} socket starts a service per connection).
+
+    @raise BackendUnusable: when it must not be connected.
+    """
+    if not stat.S_ISSOCK(target.st_mode):
+        raise NotASocket(backend)
+    if target.st_uid != backend.uid:
+        raise WrongOwner(backend, str(target.st_uid))
 
 
 def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
@@ -333,15 +525,13 @@ def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
 
 def explainConnectFailure(backend: Backend, reason: OSError) -> BackendUnusable:
     """
-    Turn a failed connect into the reason the user should read.
+    Turn a failed open or connect into the reason the operator should read
+    (L{forTheUser} decides what the client reads).
     """
     number = reason.errno
     if number == errno.ENOENT:
         return NoDaemon(backend)
     if number == errno.ECONNREFUSED:
-        # connect() says "refused" for any non-socket file as well.
-        if _isNonSocket(backend.path):
-            return NotASocket(backend)
         return DaemonRefuses(backend)
     if number in (errno.EMFILE, errno.ENFILE):
         return RouterOutOfDescriptors(backend, os.strerror(number))
@@ -350,10 +540,31 @@ def explainConnectFailure(backend: Backend, reason: OSError) -> BackendUnusable:
     return BackendUnusable(backend, os.strerror(number) if number else str(reason))
 
 
-def _isNonSocket(path: str) -> bool:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not stat.S_ISSOCK(mode)
-
+def forTheUser(
+    reason: BackendUnusable,
+    target: Optional[os.stat_result],
+    sight: Union[Found, Missing, None],
+) -> BackendUnusable:
+    """
+    C{reason} as the client may read it.  The router looks with root's
+    eyes; the client learns specifically what is wrong only when they could
+    have seen it for themselves (C{sight}: the path walked with their own
+    credentials, see L{dockerrouter.visibility.look}), and only when that
+    agrees with what the router met: the file it opened (C{target}), or
+    nothing there.  Anything else reads as one L{Concealed} sentence.
+    """
+    if not reason.aboutThePath:
+        return reason
+    if isinstance(reason, NoDaemon) and isinstance(sight, Missing):
+        if sight.link is not None:
+            return DanglingLink(reason.backend, sight.link[1])
+        if sight.where == f"/run/user/{reason.backend.uid}":
+            return NoRuntimeDirectory(reason.backend, sight.where)
+        return reason
+    if (
+        target is not None
+        and isinstance(sight, Found)
+        and (sight.dev, sight.ino) == (target.st_dev, target.st_ino)
+    ):
+        return reason
+    return Concealed(reason)

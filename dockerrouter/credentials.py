@@ -10,7 +10,15 @@ import struct
 
 from attrs import frozen
 
-_UCRED = struct.Struct("3i")
+# struct ucred: pid_t (signed), uid_t and gid_t (unsigned: uids of 2**31 and
+# above exist, and must not come out negative).
+_UCRED = struct.Struct("iII")
+_GID = struct.Struct("I")
+# Not in Python 3.11's socket module.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+# Python's getsockopt takes at most 1024 bytes: 256 groups.  A client in
+# more gets none (it is judged by less than it has, never by more).
+_MAX_GROUPS = 256
 
 
 @frozen
@@ -32,3 +40,16 @@ def peerCredentials(sock: socket.socket) -> Credentials:
     """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return Credentials(*_UCRED.unpack(raw))
+
+
+def peerGroups(sock: socket.socket) -> frozenset[int]:
+    """
+    The supplementary groups the kernel recorded for a socket's peer
+    (C{SO_PEERGROUPS}), or none when they can't be read.  Read only on the
+    error path, to judge what the client could see for themselves.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS * _GID.size)
+    except OSError:
+        return frozenset()
+    return frozenset(gid for (gid,) in _GID.iter_unpack(raw))

@@ -31,16 +31,33 @@ from dockerrouter.backends import (
     ConnectTimeout,
     TooManyForUser,
     TooManyInTotal,
+    checkSocketFile,
     explainConnectFailure,
+    forTheUser,
     verifyDaemon,
 )
-from dockerrouter.credentials import Credentials, peerCredentials
+from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
+from dockerrouter.visibility import Viewer, look
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
+
+
+def openSocketFile(path: str) -> tuple[int, os.stat_result]:
+    """
+    Open what C{path} leads to (following links) without opening the file
+    itself (C{O_PATH}), and C{fstat} it: the descriptor pins the file that
+    was looked at, so that the connect reaches it and nothing else.
+    """
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def connectUnix(path: str) -> socket.socket:
@@ -80,6 +97,8 @@ class ServerProtocol(Protocol):
     client: Credentials
     backend: Backend
     ended: Optional[str] = None
+    # The file the backend path led to, when it could be opened.
+    _target: Optional[os.stat_result] = None
     _splicer: Optional[Splicer] = None
     _retry: Optional[IDelayedCall] = None
     _responder: Optional[ErrorResponder] = None
@@ -91,7 +110,7 @@ class ServerProtocol(Protocol):
         self.transport.pauseProducing()
         self.startedAt = self.factory.reactor.seconds()
         self.client = peerCredentials(self.transport.getHandle())
-        self.backend = self.factory.resolver.resolve(self.client)
+        self.backend = self.factory.resolver.resolve(self.client, self.transport.getHandle())
         try:
             self.factory.admit(self)
         except BackendUnusable as reason:
@@ -102,8 +121,19 @@ class ServerProtocol(Protocol):
 
     def _connect(self) -> None:
         self._retry = None
+        self._target = None
         try:
-            daemon = self.factory.connectUnix(self.backend.path)
+            fd, self._target = self.factory.openSocketFile(self.backend.path)
+        except OSError as e:
+            self._reject(explainConnectFailure(self.backend, e))
+            return
+        try:
+            checkSocketFile(self.backend, self._target)
+            # Through the descriptor: what was checked is what is connected.
+            daemon = self.factory.connectUnix(f"/proc/self/fd/{fd}")
+        except BackendUnusable as reason:
+            self._reject(reason)
+            return
         except BlockingIOError:
             # The daemon's listen backlog is full: wait for room, as a
             # blocking connect would, up to the connect timeout.
@@ -115,6 +145,8 @@ class ServerProtocol(Protocol):
         except OSError as e:
             self._reject(explainConnectFailure(self.backend, e))
             return
+        finally:
+            os.close(fd)
         try:
             verifyDaemon(self.backend, peerCredentials(daemon), self.factory.routerPid())
         except BackendUnusable as reason:
@@ -132,6 +164,9 @@ class ServerProtocol(Protocol):
         self._splicer.start()
 
     def _reject(self, reason: BackendUnusable) -> None:
+        if reason.aboutThePath:
+            reason = forTheUser(reason, self._target, look(self.backend.path, self._viewer()))
+        advice = self.factory.resolver.advice
         self._endAs("rejected:" + reason.cause)
         emitFormatted(
             self.log,
@@ -142,16 +177,27 @@ class ServerProtocol(Protocol):
             pid=self.client.pid,
             backend=self.backend.path,
             cause=reason.cause,
-            message=reason.message,
+            message=advice.render(reason.forTheLog()),
         )
         self._responder = ErrorResponder(
             self.factory.reactor,
             self.transport,
             reason.status,
-            reason.message,
+            advice.render(reason),
             waitForRequest=reason.waitForRequest,
         )
         self.transport.resumeProducing()
+
+    def _viewer(self) -> Viewer:
+        """
+        Whose eyes judge what the client may be told: the client's own, or,
+        for a process in a user's container (which runs as a uid of the
+        user's range), that user's, with no groups.
+        """
+        if self.backend.uid != self.client.uid:
+            return Viewer(self.backend.uid, frozenset())
+        groups = peerGroups(self.transport.getHandle())
+        return Viewer(self.client.uid, groups | {self.client.gid})
 
     def _relayEnded(self, failure: Optional[str]) -> None:
         """Both directions ended (C{None}), or one side failed."""
@@ -225,6 +271,7 @@ class RouterFactory(Factory):
 
     noisy = False
     protocol = ServerProtocol  # type: ignore[assignment]  # Factory is generic only to type checkers
+    openSocketFile = staticmethod(openSocketFile)
     connectUnix = staticmethod(connectUnix)
     _pid: Optional[int] = None
 

@@ -19,9 +19,12 @@ from twisted.python import usage
 from dockerrouter import __version__
 from dockerrouter.backends import (
     DEFAULT_TEMPLATE,
+    Advice,
     BackendResolver,
     RecentNames,
     SubordinateIds,
+    findSetupTool,
+    loginDefsUidMin,
 )
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
@@ -103,8 +106,16 @@ class Options(usage.Options):
             "subuid-file",
             None,
             "/etc/subuid",
-            "Subordinate uid ranges: a uid in a user's range (a process in "
-            "their rootless container) is routed to that user's daemon.",
+            "Subordinate uid ranges: a uid in a user's range is routed to that "
+            "user's daemon when the client runs in a user namespace the user "
+            "owns (their rootless container).",
+        ],
+        [
+            "advice",
+            None,
+            None,
+            "Site text or a URL for users whose daemon can't be used: replaces "
+            "the router's own advice, or extends it where it says {advice}.",
         ],
     ]
     optFlags = [
@@ -275,6 +286,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             options["subuid-file"],
             warn=lambda text: log.warn("{message}", message=text),
             clock=reactor.seconds,
+            uidMin=loginDefsUidMin(),
         )
     factory = RouterFactory(
         reactor,
@@ -282,6 +294,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             options["user-socket"],
             lookupName=RecentNames(reactor.seconds),
             subordinates=subordinates,
+            advice=Advice(findSetupTool(), options["advice"]),
         ),
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(limit),

@@ -577,6 +577,25 @@ class Agent:
         result["elapsed"] = time.monotonic() - started
         return result
 
+    def op_unshareUser(self):
+        """
+        Move into a new user namespace, owned by our uid (as a rootless
+        container's runtime does); the harness writes its maps.
+        """
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+        return {"pid": os.getpid()}
+
+    def op_becomeIds(self, uid, gid):
+        """Take a uid and gid of our (mapped) user namespace."""
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        return {"uid": os.getuid(), "gid": os.getgid()}
+
     def op_http(self, path, method, url, body=None, headers=None, timeout=30):
         """
         A real HTTP client (http.client) over the Unix socket; then read the

@@ -111,6 +111,44 @@ class ErrorResponseTests(IntegrationTestCase):
         os.chown(path, UID_A, UID_A)
         self.assertAllRequestsGetTheError(UID_A, "not-a-socket")
 
+    def test_danglingLink(self):
+        """
+        Issue 9.4: a link into the user's own directory, to nothing, says it
+        is a link and names its target.
+        """
+        target = os.path.join(self.harness.userDirectory(UID_A), "docker.sock")
+        self.harness.symlink(target, self.harness.backendPath(UID_A), owner=UID_A)
+        message = self.assertAllRequestsGetTheError(UID_A, "missing")
+        self.assertIn("is a symbolic link to %s, which does not exist" % (target,), message)
+
+    def test_noRuntimeDirectory(self):
+        """
+        Issue 9.4: no /run/user/<uid> at all: the user is not logged in and
+        has no linger.
+        """
+        self.assertFalse(os.path.exists("/run/user/%d" % (UID_A,)))
+        router = self.harness.startRouter(
+            ["--user-socket", "/run/user/{uid}/docker.sock"],
+            listenPath=os.path.join(self.harness.tmp, "runtime.sock"),
+        )
+        agent = self.harness.startAgent(UID_A)
+        reply = agent.call("http", path=router.listenPath, method="GET", url="/_ping")
+        message = self.assertCleanHttpError(reply, UID_A, "/run/user/%d/docker.sock" % (UID_A,))
+        for part in ("no runtime directory /run/user/%d" % (UID_A,), "not logged in", "enable-linger"):
+            self.assertIn(part, message)
+
+    def test_siteAdvice(self):
+        """
+        Issue 8.7: --advice extends the router's advice with the site's.
+        """
+        router = self.harness.startRouter(
+            ["--advice", "{advice}; see https://wiki.example/docker"],
+            listenPath=os.path.join(self.harness.tmp, "advice.sock"),
+        )
+        message = self.assertAllRequestsGetTheError(UID_A, "missing", router=router)
+        self.assertIn("systemctl --user start docker", message)
+        self.assertTrue(message.endswith("see https://wiki.example/docker."), message)
+
     def test_wrongOwner(self):
         """
         Another user's daemon listens at this user's path: the message says

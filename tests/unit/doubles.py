@@ -2,11 +2,13 @@
 Test doubles for driving the router's protocols without sockets.
 """
 
+import os
 import socket
+import stat
 
 from twisted.internet.testing import StringTransport
 
-from dockerrouter.credentials import _UCRED, Credentials
+from dockerrouter.credentials import _UCRED, SO_PEERGROUPS, Credentials
 
 
 class FakeSocket:
@@ -30,7 +32,10 @@ class FakeSocket:
         self._peer.close()
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
-        assert (level, option, size) == (socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        assert level == socket.SOL_SOCKET
+        if option == SO_PEERGROUPS:
+            return b""
+        assert (option, size) == (socket.SO_PEERCRED, _UCRED.size)
         c = self.credentials
         return _UCRED.pack(c.pid, c.uid, c.gid)
 
@@ -62,3 +67,13 @@ class PeerTransport(StringTransport):
     def abortConnection(self) -> None:
         self.aborted = True
         super().abortConnection()
+
+
+def socketFile(uid: int) -> tuple[int, os.stat_result]:
+    """
+    What C{RouterFactory.openSocketFile} returns for a socket owned by
+    C{uid}: a real descriptor (of C{/}, which the relay closes) and a
+    socket's C{stat}.
+    """
+    fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    return fd, os.stat_result((stat.S_IFSOCK | 0o600, 1, 1, 1, uid, uid, 0, 0, 0, 0))

@@ -4,25 +4,40 @@ From identity to backend, the security rule, and the reasons a user reads.
 
 import errno
 import os
+import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import (
+    SETUP_TOOL,
+    Advice,
     Backend,
     BackendResolver,
     BackendUnusable,
+    Concealed,
     ConnectTimeout,
     DaemonRefuses,
+    DanglingLink,
     NoDaemon,
+    NoRuntimeDirectory,
     NotASocket,
     PermissionDenied,
     RouterLoop,
+    TooManyForUser,
     WrongOwner,
+    checkSocketFile,
     explainConnectFailure,
+    findSetupTool,
+    forTheUser,
     userName,
     verifyDaemon,
 )
 from dockerrouter.credentials import Credentials
+from dockerrouter.visibility import Found, Missing
+
+
+def _socketStat(uid: int, ino: int = 7) -> os.stat_result:
+    return os.stat_result((stat.S_IFSOCK | 0o600, ino, 3, 1, uid, uid, 0, 0, 0, 0))
 
 ALICE = Backend(path="/run/user/1000/docker.sock", uid=1000, user="alice")
 
@@ -56,7 +71,7 @@ class VerifyDaemonTests(SynchronousTestCase):
     def test_otherUid(self) -> None:
         with self.assertRaises(WrongOwner) as caught:
             verifyDaemon(ALICE, Credentials(pid=77, uid=1001, gid=1001), routerPid=1)
-        self.assertIn("runs as uid 1001, not as user alice (uid 1000)", caught.exception.message)
+        self.assertIn("belongs to uid 1001, not to user alice (uid 1000)", caught.exception.message)
         self.assertIn("refuses", caught.exception.message)
 
     def test_root(self) -> None:
@@ -93,13 +108,22 @@ class ExplainTests(SynchronousTestCase):
 
     def test_notASocket(self) -> None:
         """
-        connect() answers "refused" for a regular file: the path tells them apart.
+        Root connects only to a socket: a regular file is refused before.
         """
         path = self.mktemp()
         open(path, "w").close()
-        backend = Backend(path=path, uid=1000, user="alice")
-        reason = self.explain(errno.ECONNREFUSED, backend)
-        self.assertIsInstance(reason, NotASocket)
+        with self.assertRaises(NotASocket):
+            checkSocketFile(ALICE, os.stat(path))
+
+    def test_socketOfAnotherUid(self) -> None:
+        """
+        Root connects only to a socket owned by the uid the daemon must run
+        as (a systemd Accept=yes socket of root's would start a service).
+        """
+        with self.assertRaises(WrongOwner) as caught:
+            checkSocketFile(ALICE, _socketStat(uid=0))
+        self.assertIn("belongs to uid 0", caught.exception.message)
+        checkSocketFile(ALICE, _socketStat(uid=1000))
 
     def test_outOfDescriptors(self) -> None:
         reason = self.explain(errno.EMFILE)
@@ -150,3 +174,108 @@ class RecentNamesTests(SynchronousTestCase):
         clock.advance(60)
         self.assertEqual(names(1000), "user3")
         self.assertEqual(lookups, [1000, 1001, 1000])
+
+
+class ForTheUserTests(SynchronousTestCase):
+    """
+    What the client may read: specific only about what they could see.
+    """
+
+    target = _socketStat(uid=1000, ino=7)
+
+    def test_missingWhereTheyCanSee(self) -> None:
+        reason = NoDaemon(ALICE)
+        self.assertIs(forTheUser(reason, None, Missing(ALICE.path)), reason)
+
+    def test_danglingLink(self) -> None:
+        """
+        Issue 9.4: a link to nothing says so, and names its target.
+        """
+        sight = Missing("/home/alice/.docker/run/docker.sock", (ALICE.path, "../.docker/run/docker.sock"))
+        reason = forTheUser(NoDaemon(ALICE), None, sight)
+        self.assertIsInstance(reason, DanglingLink)
+        self.assertEqual(reason.cause, "missing")
+        self.assertIn(
+            f"{ALICE.path} is a symbolic link to ../.docker/run/docker.sock, which does not exist",
+            reason.message,
+        )
+
+    def test_noRuntimeDirectory(self) -> None:
+        """
+        Issue 9.4: no /run/user/<uid> means not logged in and no linger.
+        """
+        reason = forTheUser(NoDaemon(ALICE), None, Missing("/run/user/1000"))
+        self.assertIsInstance(reason, NoRuntimeDirectory)
+        for part in ("no runtime directory /run/user/1000", "not logged in", "loginctl enable-linger alice"):
+            self.assertIn(part, reason.message)
+
+    def test_sameFileSeen(self) -> None:
+        for reason in (NotASocket(ALICE), WrongOwner(ALICE, "0"), DaemonRefuses(ALICE)):
+            self.assertIs(forTheUser(reason, self.target, Found(3, 7)), reason)
+
+    def test_hidden(self) -> None:
+        """
+        A path the user can't follow, or one that changed between the
+        router's look and theirs, reads the same whatever is there, with
+        the real reason kept for the operator.
+        """
+        answers = set()
+        for reason, target, sight in [
+            (NoDaemon(ALICE), None, None),
+            (WrongOwner(ALICE, "0"), self.target, None),
+            (NotASocket(ALICE), self.target, Found(3, 8)),
+            (NoDaemon(ALICE), None, Found(3, 7)),
+            (BackendUnusable(ALICE, "Too many levels of symbolic links"), None, None),
+        ]:
+            judged = forTheUser(reason, target, sight)
+            self.assertIsInstance(judged, Concealed)
+            self.assertIs(judged.forTheLog(), reason)
+            self.assertEqual(judged.cause, reason.cause)
+            answers.add((judged.status, judged.message))
+        self.assertEqual(len(answers), 1, answers)
+
+    def test_notAboutThePath(self) -> None:
+        reason = TooManyForUser(ALICE, "2")
+        self.assertIs(forTheUser(reason, None, None), reason)
+
+
+class AdviceTests(SynchronousTestCase):
+    def test_setupToolOnPath(self) -> None:
+        self.assertEqual(findSetupTool(which=lambda name: "/usr/bin/" + name), SETUP_TOOL)
+
+    def test_setupToolWhereDebianPutsIt(self) -> None:
+        """
+        Issue 8.7: Debian's docker.io keeps it out of PATH; the advice names
+        its full path.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        tool = os.path.join(directory, SETUP_TOOL)
+        with open(tool, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(tool, 0o755)
+        found = findSetupTool(which=lambda name: None, directories=("/nonexistent", directory))
+        self.assertEqual(found, tool)
+        message = Advice(setupTool=found).render(NoDaemon(ALICE))
+        self.assertIn(f"`{tool} install --force`", message)
+        self.assertEqual(findSetupTool(which=lambda name: None, directories=()), SETUP_TOOL)
+
+    def test_siteTextReplaces(self) -> None:
+        message = Advice(site="see https://wiki.example/docker").render(NoDaemon(ALICE))
+        self.assertEqual(
+            message,
+            "No Docker daemon is running for user alice (uid 1000): there is nothing at "
+            f"{ALICE.path}; see https://wiki.example/docker.",
+        )
+
+    def test_siteTextExtends(self) -> None:
+        message = Advice(site="{advice}, or ask help@example.org").render(NoDaemon(ALICE))
+        self.assertIn("`systemctl --user start docker`", message)
+        self.assertTrue(message.endswith("after you log out, or ask help@example.org."), message)
+
+    def test_noAdviceToReplace(self) -> None:
+        """
+        Reasons that carry no advice of the router's (a cap) are left alone.
+        """
+        reason = TooManyForUser(ALICE, "2")
+        self.assertEqual(Advice(site="see the wiki").render(reason), reason.message)

@@ -12,11 +12,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import BackendResolver, SubordinateIds
+from dockerrouter.backends import BackendResolver, SubordinateIds, loginDefsUidMin
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import FakeSocket, PeerTransport
+from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
 
 
 class CapTests(SynchronousTestCase):
@@ -31,12 +31,20 @@ class CapTests(SynchronousTestCase):
         )
         self.factory.routerPid = lambda: -1
         self.connects: list[str] = []
-        self.factory.connectUnix = self.connectUnix  # type: ignore[assignment]
+        self.factory.openSocketFile = self.openSocketFile
+        self.factory.connectUnix = self.connectUnix
+        self.opened: list[int] = []
 
-    def connectUnix(self, path: str) -> FakeSocket:
-        """A daemon that runs as the uid its path names."""
+    def openSocketFile(self, path: str):
+        """A socket owned by the uid its path names."""
         self.connects.append(path)
         uid = int(path.split("/")[3])
+        self.opened.append(uid)
+        return socketFile(uid)
+
+    def connectUnix(self, path: str) -> FakeSocket:
+        """A daemon that runs as the uid of the socket opened last."""
+        uid = self.opened[-1]
         return FakeSocket(Credentials(pid=2, uid=uid, gid=uid))
 
     def connect(self, uid: int):
@@ -102,9 +110,9 @@ class SubordinateIdTests(SynchronousTestCase):
         os.utime(self.path, ns=(self.writes, self.writes))
 
     def test_owner(self) -> None:
-        self.write("root:100000:65536\n1000:165536:65536\n")
-        self.assertEqual(self.ids.owner(100000), 0)
-        self.assertEqual(self.ids.owner(165536 + 65535), 1000)
+        self.write("1000:100000:65536\n1001:165536:65536\n")
+        self.assertEqual(self.ids.owner(100000), 1000)
+        self.assertEqual(self.ids.owner(165536 + 65535), 1001)
         self.assertEqual(self.ids.owner(165536 + 65536), 165536 + 65536)
         self.assertEqual(self.ids.owner(99999), 99999)
         self.assertEqual(self.ids.owner(1000), 1000)
@@ -124,6 +132,49 @@ class SubordinateIdTests(SynchronousTestCase):
         self.assertEqual(len(self.warnings), 4)
         self.assertTrue(any(":2: ignored" in w for w in self.warnings))
         self.assertTrue(any("overlaps" in w for w in self.warnings))
+
+    def test_nestedOverlaps(self) -> None:
+        """
+        Issue 9.1: two ranges nested in a third are each ignored, not only
+        the first (the neighbours after sorting), so 150005, in 1000's range
+        and in 1002's, has no owner.
+        """
+        self.write("1000:100000:65536\n1001:110000:10\n1002:150000:10\n1003:300000:10\n")
+        for uid in (100001, 110005, 150005):
+            self.assertEqual(self.ids.owner(uid), uid)
+        self.assertEqual(self.ids.owner(300005), 1003)
+        self.assertEqual(sorted(w.split(":")[1] for w in self.warnings), ["1", "2", "3"])
+
+    def test_chainedOverlaps(self) -> None:
+        """
+        A overlaps B, B overlaps C, A and C don't: all three are ignored;
+        a range that only touches the chain's end is kept.
+        """
+        self.write("1000:100000:10\n1001:100005:10\n1002:100012:10\n1003:100022:10\n")
+        for uid in (100001, 100010, 100020):
+            self.assertEqual(self.ids.owner(uid), uid)
+        self.assertEqual(self.ids.owner(100022), 1003)
+        self.assertEqual(len(self.warnings), 3)
+
+    def test_rootAndSystemOwnersIgnored(self) -> None:
+        """
+        Finding 12.2: ranges of root (Proxmox, LXD) or of a system account
+        below UID_MIN route no one, with one warning each per reading.
+        """
+        self.write("root:100000:65536\n999:200000:65536\n1000:300000:65536\n")
+        self.assertEqual(self.ids.owner(100001), 100001)
+        self.assertEqual(self.ids.owner(200001), 200001)
+        self.assertEqual(self.ids.owner(300001), 1000)
+        self.assertEqual(self.ids.owner(100002), 100002)
+        self.assertEqual(len(self.warnings), 2)
+        self.assertTrue(all("below UID_MIN 1000" in w for w in self.warnings), self.warnings)
+
+    def test_uidMinFromLoginDefs(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# UID_MIN 5\nUID_MAX 60000\nUID_MIN\t\t\t 500\n")
+        self.assertEqual(loginDefsUidMin(path), 500)
+        self.assertEqual(loginDefsUidMin(self.mktemp()), 1000)
 
     def test_reReadWhenChanged(self) -> None:
         """
@@ -159,17 +210,50 @@ class SubordinateIdTests(SynchronousTestCase):
         self.write("1000:0:65536\n")
         self.assertEqual(self.ids.owner(0), 0)
 
+    def resolver(self, owners: dict) -> BackendResolver:
+        """Subordinate uids proven by a namespace owned by C{owners[pid]}."""
+        self.write("1000:100000:65536\n")
+        self.asked: list[int] = []
+
+        def namespaceOwner(sock, pid):
+            self.asked.append(pid)
+            return owners.get(pid)
+
+        return BackendResolver(
+            "/run/user/{uid}/{user}.sock",
+            lookupName={1000: "alice"}.get,
+            subordinates=self.ids,
+            namespaceOwner=namespaceOwner,
+        )
+
     def test_resolverRoutesToOwner(self) -> None:
         """
-        A process in alice's rootless container reaches alice's daemon, which
-        must run as alice.
+        A process in alice's rootless container (a namespace she owns)
+        reaches alice's daemon, which must run as alice.
         """
-        self.write("1000:100000:65536\n")
-        resolver = BackendResolver(
-            "/run/user/{uid}/{user}.sock", lookupName={1000: "alice"}.__getitem__, subordinates=self.ids
-        )
-        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999))
+        resolver = self.resolver({1: 1000})
+        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=object())
         self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))
+
+    def test_resolverWithoutProof(self) -> None:
+        """
+        Finding 12.1: a uid in alice's range, in no namespace of hers (the
+        router's own, one of another user's, or no answer), routes as itself.
+        """
+        resolver = self.resolver({2: None, 3: 1001})
+        for pid in (2, 3, 4):
+            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=object())
+            self.assertEqual(backend.uid, 100999)
+        self.assertEqual(resolver.resolve(Credentials(pid=1, uid=100999, gid=0)).uid, 100999)
+
+    def test_resolverAsksOnlyForSubordinates(self) -> None:
+        """
+        The common path stays as cheap as before: no namespace is read for
+        a uid in no range.
+        """
+        resolver = self.resolver({})
+        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=object()).uid, 1000)
+        self.assertEqual(self.asked, [])
 
 
 class _FakePort:

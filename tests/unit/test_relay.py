@@ -16,9 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import BackendResolver
 from dockerrouter.credentials import Credentials
+from dockerrouter import relay
 from dockerrouter.relay import RouterFactory, ServerProtocol
+from dockerrouter.visibility import Found, Missing
 from dockerrouter.splice import Splicer
-from tests.unit.doubles import FakeSocket, PeerTransport
+from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
 ALICE_DAEMON = Credentials(pid=5000, uid=1000, gid=1000)
@@ -45,11 +47,22 @@ class RelayTests(SynchronousTestCase):
         self.connects: list[str] = []
         self.daemons: list[FakeDaemonSocket] = []
         self.daemon = ALICE_DAEMON
-        self.connectError: Optional[Exception] = None
-        self.factory.connectUnix = self.connectUnix  # type: ignore[assignment]
+        self.connectError: object = None
+        self.openError: object = None
+        self.factory.openSocketFile = self.openSocketFile
+        self.factory.connectUnix = self.connectUnix
+        # What alice could see at her path: the socket opened (socketFile's).
+        self.sight: object = Found(1, 1)
+        self.patch(relay, "look", lambda path, viewer: self.sight)
+
+    def openSocketFile(self, path: str):
+        self.connects.append(path)
+        if self.openError is not None:
+            raise self.openError
+        return socketFile(1000)
 
     def connectUnix(self, path: str) -> FakeDaemonSocket:
-        self.connects.append(path)
+        self.assertTrue(path.startswith("/proc/self/fd/"), path)
         if self.connectError is not None:
             raise self.connectError
         sock = FakeDaemonSocket(self.daemon)
@@ -94,7 +107,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(clientTransport.producerState, "producing")
         server.dataReceived(b"GET /containers/json HTTP/1.1\r\n\r\n")
         self.assertIn(b"403 Forbidden", clientTransport.value())
-        self.assertIn(b"runs as uid 0", clientTransport.value())
+        self.assertIn(b"belongs to uid 0", clientTransport.value())
         [warning] = [e for e in events if e["log_level"].name == "warn"]
         self.assertEqual((warning["cause"], warning["uid"]), ("wrong-owner", 1000))
 
@@ -105,7 +118,8 @@ class RelayTests(SynchronousTestCase):
         self.assertIn(b"leads back to docker-router", clientTransport.value())
 
     def test_connectFailure(self) -> None:
-        self.connectError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self.openError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self.sight = Missing("/run/user/1000/docker.sock")
         server, clientTransport = self.connectClient()
         server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
         self.assertIn(b"503 Service Unavailable", clientTransport.value())
@@ -181,7 +195,8 @@ class DrainTests(SynchronousTestCase):
             self.reactor, BackendResolver("/x/{uid}"), connectTimeout=5
         )
         self.factory.routerPid = lambda: ROUTER_PID
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)  # type: ignore
+        self.factory.openSocketFile = lambda path: socketFile(1000)
+        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)
 
     def relay(self) -> ServerProtocol:
         server = self.factory.buildProtocol(None)

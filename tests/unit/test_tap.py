@@ -146,3 +146,21 @@ class SyslogObserverTests(SynchronousTestCase):
                 syslog.LOG_ERR | syslog.LOG_DAEMON,
             ],
         )
+
+
+class AdviceOptionTests(SynchronousTestCase):
+    def test_siteAdviceAndSetupTool(self) -> None:
+        """
+        Issue 8.7: C{--advice} reaches every message's advice, and the setup
+        tool is looked for once, at start.
+        """
+        from dockerrouter import tap
+
+        looked: list[int] = []
+        self.patch(tap, "findSetupTool", lambda: looked.append(1) or "/opt/x/setup.sh")
+        options = parse("--listen", f"unix:{self.mktemp()}", "--advice", "{advice}; see https://wiki.example/docker")
+        service = makeService(options, reactor=MemoryReactorClock())
+        [factory] = {s.factory for s in service if hasattr(s, "factory")}
+        advice = factory.resolver.advice
+        self.assertEqual((advice.setupTool, advice.site), ("/opt/x/setup.sh", "{advice}; see https://wiki.example/docker"))
+        self.assertEqual(looked, [1])
