@@ -227,6 +227,29 @@ class SocketActivationTests(IntegrationTestCase):
         self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode), "the socket's path is gone")
 
+    def test_refusesADatagramSocket(self):
+        """
+        A socket handed over that is not a Unix stream socket (here
+        C{ListenDatagram=}) is refused in one line.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            self.skipTest("no systemd-socket-activate")
+        path = self.harness.listenPath
+        router = self.harness.startRouter(
+            wrapper=[activate, "--datagram", "-l", path, "--fdname=docker.sock"],
+            listen="systemd:domain=UNIX:index=0",
+            ready=False,
+        )
+        pollUntil(lambda: os.path.exists(path), 10, what="the datagram socket")
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", path)
+        self.assertNotEqual(router.waitExit(20), 0, router.evidence())
+        self.assertIn(
+            "docker-router: cannot listen on systemd:domain=UNIX:index=0: systemd handed "
+            "over a AF_UNIX/SOCK_DGRAM socket, not a Unix stream socket",
+            router.output(),
+        )
+
     def test_socketSurvivesRestart(self):
         """
         A router that stops leaves the socket systemd holds listening, with
