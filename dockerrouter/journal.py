@@ -67,8 +67,11 @@ def encode(fields: Mapping[str, object]) -> bytes:
 class JournalObserver:
     """
     Sends each event to journald as one entry.  The socket never blocks
-    the reactor: an entry journald has no room for is dropped.
+    the reactor: an entry journald has no room for is dropped, and the
+    next entry that gets through is preceded by how many were.
     """
+
+    dropped = 0
 
     def __init__(self, path: str = JOURNAL_SOCKET, pid: Optional[int] = None) -> None:
         self._path = path
@@ -94,10 +97,21 @@ class JournalObserver:
         return fields
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        if self.dropped:
+            dropped = {"log_level": LogLevel.warn, "log_format": "journald was busy: {dropped} log entries dropped", "dropped": self.dropped}
+            if not self._send(dropped):
+                self.dropped += 1
+                return
+            self.dropped = 0
+        if not self._send(event):
+            self.dropped += 1
+
+    def _send(self, event: Mapping[str, Any]) -> bool:
         try:
             self._socket.sendto(encode(self.fields(event)), self._path)
         except OSError:
-            pass  # nowhere to say it: journald is gone or full
+            return False  # journald is gone, or its queue is full
+        return True
 
 
 def underJournal(environ: Mapping[str, str] = os.environ) -> bool:
