@@ -80,7 +80,7 @@ class JournalObserver:
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
 
-    def fields(self, event: Mapping[str, Any]) -> dict[str, object]:
+    def fields(self, event: dict[str, Any]) -> dict[str, object]:
         level = event.get("log_level", LogLevel.info)
         fields: dict[str, object] = {
             "MESSAGE": (eventAsText(event, includeTimestamp=False, includeSystem=False) or "").rstrip("\n"),
@@ -96,7 +96,7 @@ class JournalObserver:
                 fields[field] = f"{value:.3f}" if name == "duration" else value
         return fields
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:
         if self.dropped:
             dropped = {"log_level": LogLevel.warn, "log_format": "journald was busy: {dropped} log entries dropped", "dropped": self.dropped}
             if not self._send(dropped):
@@ -106,7 +106,7 @@ class JournalObserver:
         if not self._send(event):
             self.dropped += 1
 
-    def _send(self, event: Mapping[str, Any]) -> bool:
+    def _send(self, event: dict[str, Any]) -> bool:
         try:
             self._socket.sendto(encode(self.fields(event)), self._path)
         except OSError:

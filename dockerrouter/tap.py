@@ -265,7 +265,7 @@ class _ListeningService(StreamServerEndpointService):
                 dropOwnLock(path)
             reason = e.socketError
             if reason == "Cannot acquire lock":
-                reason = _anotherRouter(path and lockHolder(path))
+                reason = _anotherRouter(lockHolder(path) if path else None)
             raise _refuse(self.description, str(reason))
         except Exception as e:
             raise _refuse(self.description, str(e))
