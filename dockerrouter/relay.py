@@ -36,7 +36,7 @@ from dockerrouter.backends import (
 )
 from dockerrouter.credentials import Credentials, peerCredentials
 from dockerrouter.errors import ErrorResponder
-from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
+from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
 
 # How soon to try again a daemon whose listen backlog is full.
@@ -127,20 +127,11 @@ class ServerProtocol(Protocol):
         )
         self.transport = None
         self._splicer.start()
+        self.factory.results["relayed"] += 1
 
     def _reject(self, reason: BackendUnusable) -> None:
         self._endAs("rejected:" + reason.cause)
-        emitFormatted(
-            self.log,
-            LogLevel.warn,
-            REJECTED,
-            uid=self.client.uid,
-            user=self.backend.user,
-            pid=self.client.pid,
-            backend=self.backend.path,
-            cause=reason.cause,
-            message=reason.message,
-        )
+        self.factory.rejected(self, reason.cause)
         self._responder = ErrorResponder(
             self.factory.reactor,
             self.transport,
@@ -190,11 +181,17 @@ class ServerProtocol(Protocol):
             self.ended = why
 
     def _record(self) -> None:
-        """The one record of a finished connection."""
+        """
+        The one record of a finished connection (a refused one has had its
+        line, from L{RouterFactory.rejected}).
+        """
         if self._recorded:
             return
         self._recorded = True
         splicer = self._splicer
+        if self._responder is not None:
+            self.factory.release(self)
+            return
         emitFormatted(
             self.log,
             LogLevel.info,
@@ -228,6 +225,7 @@ class RouterFactory(Factory):
 
     def stopFactory(self) -> None:
         self.pipes.close()
+        self.rejections.stop()
 
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""
@@ -250,6 +248,16 @@ class RouterFactory(Factory):
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
+        self.rejections = RejectionLog(reactor, ServerProtocol.log)
+        # How connections were answered: "relayed", or a rejection's cause.
+        self.results: dict[str, int] = {"relayed": 0}
+
+    def rejected(self, relay: ServerProtocol, cause: str) -> None:
+        """A connection is refused: count it, and log it (coalesced)."""
+        self.results[cause] = self.results.get(cause, 0) + 1
+        self.rejections.rejected(
+            relay.client.uid, relay.backend.user, relay.client.pid, relay.backend.path, cause
+        )
 
     def admit(self, relay: ServerProtocol) -> None:
         """
