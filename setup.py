@@ -9,7 +9,7 @@ setup(
     ),
     python_requires=">=3.11",
     packages=["dockerrouter", "twisted.plugins"],
-    install_requires=["twisted>=23.8", "zope.interface", "attrs"],
+    install_requires=["twisted>=23.8", "zope.interface", "attrs", "prometheus_client"],
     extras_require={
         "test": ["pytest", "pytest-twisted", "docker", "hypothesis"],
     },

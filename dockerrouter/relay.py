@@ -14,6 +14,7 @@ knows neither paths nor users.
 
 import os
 import socket
+from collections import OrderedDict
 from typing import Optional, Set
 
 from twisted.internet import error
@@ -95,6 +96,7 @@ class ServerProtocol(Protocol):
             self._reject(reason)
             return
         self._connectBy = self.startedAt + self.factory.connectTimeout
+        self._connectFrom = self.factory.reactor.seconds()
         self._connect()
 
     def _connect(self) -> None:
@@ -127,7 +129,7 @@ class ServerProtocol(Protocol):
         )
         self.transport = None
         self._splicer.start()
-        self.factory.results["relayed"] += 1
+        self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom)
 
     def _reject(self, reason: BackendUnusable) -> None:
         self._endAs("rejected:" + reason.cause)
@@ -192,6 +194,7 @@ class ServerProtocol(Protocol):
         if self._responder is not None:
             self.factory.release(self)
             return
+        duration = self.factory.reactor.seconds() - self.startedAt
         emitFormatted(
             self.log,
             LogLevel.info,
@@ -200,12 +203,17 @@ class ServerProtocol(Protocol):
             user=self.backend.user,
             pid=self.client.pid,
             backend=self.backend.path,
-            duration=self.factory.reactor.seconds() - self.startedAt,
+            duration=duration,
             bytesToDocker=splicer.toDocker if splicer else 0,
             bytesFromDocker=splicer.fromDocker if splicer else 0,
             end=self.ended or "closed",
         )
-        self.factory.release(self)
+        self.factory.release(self, duration)
+
+    def bytesMoved(self) -> tuple[int, int]:
+        """Bytes to and from Docker so far."""
+        splicer = self._splicer
+        return (splicer.toDocker, splicer.fromDocker) if splicer else (0, 0)
 
 
 class RouterFactory(Factory):
@@ -249,8 +257,24 @@ class RouterFactory(Factory):
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
         self.rejections = RejectionLog(reactor, ServerProtocol.log)
+        # What metrics and status read (at scrape time, not per chunk).
         # How connections were answered: "relayed", or a rejection's cause.
         self.results: dict[str, int] = {"relayed": 0}
+        # Bytes to and from Docker of the relays that have ended.
+        self.endedBytes = [0, 0]
+        # Per user, when asked: uid -> [name, bytes to, bytes from of ended
+        # relays], the most recently active last, at most this many.
+        self.usersKept = 0
+        self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
+        # Histograms (with an observe method) that metrics may set.
+        self.durations = None
+        self.connectTimes = None
+
+    def relayed(self, connectSeconds: float) -> None:
+        """A connection is relayed: count it."""
+        self.results["relayed"] += 1
+        if self.connectTimes is not None:
+            self.connectTimes.observe(connectSeconds)
 
     def rejected(self, relay: ServerProtocol, cause: str) -> None:
         """A connection is refused: count it, and log it (coalesced)."""
@@ -276,12 +300,40 @@ class RouterFactory(Factory):
             raise TooManyForUser(relay.backend, str(self.maxConnectionsPerUser))
         self.relays.add(relay)
         self._perUser[uid] = held + 1
+        if self.usersKept:
+            self._recentUser(relay.backend)
 
-    def release(self, relay: ServerProtocol) -> None:
+    def _recentUser(self, backend: Backend) -> list:
+        kept = self.recentUsers.get(backend.uid)
+        if kept is None:
+            kept = self.recentUsers[backend.uid] = [backend.user, 0, 0]
+            while len(self.recentUsers) > self.usersKept:
+                self.recentUsers.popitem(last=False)
+        else:
+            self.recentUsers.move_to_end(backend.uid)
+        return kept
+
+    def usersActive(self) -> int:
+        return len(self._perUser)
+
+    def userConnections(self, uid: int) -> int:
+        return self._perUser.get(uid, 0)
+
+    def release(self, relay: ServerProtocol, duration: Optional[float] = None) -> None:
         """A connection has ended: uncount it, and tell a waiting drain."""
         if relay not in self.relays:
             return
         self.relays.remove(relay)
+        if duration is not None:
+            toDocker, fromDocker = relay.bytesMoved()
+            self.endedBytes[0] += toDocker
+            self.endedBytes[1] += fromDocker
+            if self.usersKept:
+                kept = self._recentUser(relay.backend)
+                kept[1] += toDocker
+                kept[2] += fromDocker
+            if self.durations is not None:
+                self.durations.observe(duration)
         uid = relay.backend.uid
         self._perUser[uid] -= 1
         if not self._perUser[uid]:

@@ -23,6 +23,7 @@ from dockerrouter.backends import (
 )
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
+from dockerrouter.metrics import RouterMetrics
 from dockerrouter.relay import RouterFactory
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
@@ -104,14 +105,24 @@ class Options(usage.Options):
             "Subordinate uid ranges: a uid in a user's range (a process in "
             "their rootless container) is routed to that user's daemon.",
         ],
+        [
+            "metrics-users",
+            None,
+            100,
+            "With --metrics-per-user: how many users, the most recently active, "
+            "have series of their own.",
+            _count,
+        ],
     ]
     optFlags = [
         ["no-subuid", None, "Route subordinate uids by their own number."],
+        ["metrics-per-user", None, "Add per-user series to the metrics."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -120,19 +131,27 @@ class Options(usage.Options):
         """
         self["listen"].append(description)
 
+    def opt_metrics(self, description: str) -> None:
+        """
+        Twisted server endpoint string to serve Prometheus metrics on, at
+        /metrics (repeatable). [default: none]
+        """
+        self["metrics"].append(description)
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        for description in self["listen"]:
-            _checkListen(description)
+        for option in ("listen", "metrics"):
+            for description in self[option]:
+                _checkListen(description, option)
         _checkTemplate(self["user-socket"])
 
 
-def _checkListen(description: str) -> None:
+def _checkListen(description: str, option: str = "listen") -> None:
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:
-        raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}")
+        raise usage.UsageError(f"bad --{option} endpoint {description!r}: {e}")
     if description.startswith("unix:"):
         path = description[len("unix:") :].split(":", 1)[0]
         directory = os.path.dirname(os.path.abspath(path))
@@ -280,4 +299,10 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
     _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
     for description in options["listen"]:
         _ListeningService(description, reactor, factory).setServiceParent(top)
+    if options["metrics-per-user"]:
+        factory.usersKept = options["metrics-users"]
+    if options["metrics"]:
+        site = RouterMetrics(factory).site()
+        for description in options["metrics"]:
+            _ListeningService(description, reactor, site).setServiceParent(top)
     return top

@@ -1,0 +1,167 @@
+"""
+Issue 10, operating the router: its metrics checked against what really
+happened, the refusal log under a flood, the status command, and reload.
+"""
+
+import os
+import socket
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.harness import (
+    UID_A,
+    UID_B,
+    IntegrationTestCase,
+    b64,
+    lineRequest,
+    parseResponse,
+    pollUntil,
+    unb64,
+)
+
+KiB = 1024
+
+
+def scrape(path):
+    """
+    C{GET /metrics} from the router's metrics socket: a dict of
+    C{(name, frozenset(labels.items()))} to value.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(path)
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        raw = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            raw += more
+    finally:
+        sock.close()
+    status, headers, body = parseResponse(raw)
+    assert status == 200, raw[:300]
+    assert headers["content-type"].startswith("text/plain"), headers
+    samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def one(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+class MetricsTestCase(IntegrationTestCase):
+    def startRouter(self, *args, ready=True):
+        """
+        A router serving metrics.  (Its readiness probe, a connection as
+        root, is refused as C{missing}.)
+        """
+        self.metricsPath = os.path.join(self.harness.tmp, "metrics.sock")
+        return self.harness.startRouter(
+            args=["--metrics", "unix:%s:mode=600" % (self.metricsPath,)] + list(args),
+            ready=ready,
+        )
+
+    def scrape(self):
+        return scrape(self.metricsPath)
+
+
+class MetricsTests(MetricsTestCase):
+    def test_everySeriesFromTheStart(self):
+        """
+        Before any connection, every series is there, at zero.
+        """
+        self.startRouter(ready=False)
+        pollUntil(lambda: os.path.exists(self.metricsPath), 20, what="the metrics socket")
+        samples = self.scrape()
+        for result in ("relayed", "missing", "refused", "not_a_socket", "wrong_owner", "loop",
+                       "timeout", "permission", "too_many", "router_busy", "unusable"):
+            self.assertEqual(one(samples, "docker_router_connections_total", result=result), 0, result)
+        for direction in ("to_docker", "from_docker"):
+            self.assertEqual(one(samples, "docker_router_bytes_total", direction=direction), 0)
+        for result in ("ok", "error"):
+            self.assertEqual(one(samples, "docker_router_reloads_total", result=result), 0)
+        self.assertEqual(one(samples, "docker_router_connections_active"), 0)
+        self.assertEqual(one(samples, "docker_router_users_active"), 0)
+        self.assertEqual(one(samples, "docker_router_connection_duration_seconds_count"), 0)
+        self.assertEqual(one(samples, "docker_router_backend_connect_seconds_count"), 0)
+        self.assertEqual(one(samples, "docker_router_build_info", version="0.1.0"), 1)
+        self.assertFalse([k for k in samples if k[0].startswith("docker_router_user_")])
+
+    def test_countsWhatHappened(self):
+        """
+        Bytes equal the checksummed transfers (a live stream's included),
+        counts equal the connections made, and a live connection is active.
+        """
+        router = self.startRouter("--metrics-per-user")
+        self.harness.startBackend(UID_A, "echo")
+        sizes = [1 << 20, 300 * KiB + 7, 12345]
+        for seed, size in enumerate(sizes):
+            agent = self.harness.startAgent(UID_A)
+            agent.call("connect", path=router.listenPath)
+            result = agent.call("echoTransfer", seed=seed, size=size)
+            self.assertEqual(result["received"]["sha"], result["sent"]["sha"], result)
+            router.connectionDone(agent.ready["pid"])
+        # A long-lived stream, still open when scraped.
+        live = self.harness.startAgent(UID_A)
+        live.call("connect", path=router.listenPath)
+        live.call("send", data=b64(b"y" * 5000))
+        self.assertEqual(unb64(live.call("recvExact", size=5000)["data"]), b"y" * 5000)
+        # A refusal: no daemon for UID_B (the readiness probe was the first).
+        self.get(UID_B)
+        samples = self.scrape()
+        moved = sum(sizes) + 5000
+        self.assertEqual(
+            (
+                one(samples, "docker_router_bytes_total", direction="to_docker"),
+                one(samples, "docker_router_bytes_total", direction="from_docker"),
+            ),
+            (moved, moved),
+            router.evidence(),
+        )
+        self.assertEqual(one(samples, "docker_router_connections_total", result="relayed"), 4)
+        self.assertEqual(one(samples, "docker_router_connections_total", result="missing"), 2)
+        self.assertEqual(one(samples, "docker_router_connections_active"), 1)
+        self.assertEqual(one(samples, "docker_router_users_active"), 1)
+        self.assertEqual(one(samples, "docker_router_connection_duration_seconds_count"), 3)
+        self.assertEqual(one(samples, "docker_router_backend_connect_seconds_count"), 4)
+        user = str(UID_A)  # no name in the user database: routed by number
+        self.assertEqual(one(samples, "docker_router_user_connections_active", user=user), 1)
+        self.assertEqual(
+            one(samples, "docker_router_user_bytes_total", user=user, direction="to_docker"), moved
+        )
+        self.assertEqual(
+            one(samples, "docker_router_user_bytes_total", user=user, direction="from_docker"), moved
+        )
+        live.call("close")
+
+
+class FloodTests(MetricsTestCase):
+    def test_floodOverTheCapKeepsTheLogShort(self):
+        """
+        300 clients at a time looping over a small per-user cap: the log
+        grows by a few lines, and the metrics count every refusal.
+        """
+        router = self.startRouter("--max-connections-per-user", "2")
+        self.harness.startBackend(UID_B, "selectEcho")
+        holder = self.harness.startAgent(UID_B)
+        held = holder.call("holdMany", path=router.listenPath, count=2)
+        self.assertEqual(held["echoed"], 2, held)
+        before = len(router.log().splitlines())
+        flood = self.harness.startAgent(UID_B)
+        refused = 0
+        for _ in range(5):
+            burst = flood.call("burst", seconds=120, path=router.listenPath, count=300,
+                               data=b64(lineRequest()))
+            self.assertEqual(burst["answers"]["echo"], 0, burst)
+            refused += burst["answers"]["other"]
+        self.assertGreaterEqual(refused, 1400)
+        samples = self.scrape()
+        self.assertEqual(one(samples, "docker_router_connections_total", result="too_many"), refused)
+        grown = router.log().splitlines()[before:]
+        self.assertLessEqual(len(grown), 24, "\n".join(grown[:40]))
+        self.assertEqual(len([line for line in grown if "cause=too-many" in line]), 1, grown)
