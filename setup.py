@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=["dockerrouter", "twisted.plugins"],
     install_requires=["twisted>=23.8", "zope.interface", "attrs", "prometheus_client"],
+    entry_points={"console_scripts": ["docker-router = dockerrouter.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-twisted", "docker", "hypothesis"],
     },

@@ -18,6 +18,7 @@ from twisted.web.server import Request, Site
 
 from dockerrouter import __version__
 from dockerrouter.backends import BackendUnusable
+from dockerrouter.web import QuietSite
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.
@@ -69,7 +70,7 @@ class RouterMetrics:
         """A web site answering C{GET /metrics}."""
         root = Resource()
         root.putChild(b"metrics", _MetricsPage(self.registry))
-        return _QuietSite(root)
+        return QuietSite(root)
 
 
 class _LiveState:
@@ -156,11 +157,3 @@ class _MetricsPage(Resource):
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._registry)
 
-
-class _QuietSite(Site):
-    """No access log line per scrape."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass

@@ -21,6 +21,7 @@ from dockerrouter.backends import (
     RecentNames,
     SubordinateIds,
 )
+from dockerrouter.control import DEFAULT_CONTROL, OptionalListener, controlSite
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
 from dockerrouter.metrics import RouterMetrics
@@ -106,6 +107,14 @@ class Options(usage.Options):
             "their rootless container) is routed to that user's daemon.",
         ],
         [
+            "control",
+            None,
+            DEFAULT_CONTROL,
+            "Twisted server endpoint string of the read-only control endpoint "
+            "that `docker-router status` reads (root only); empty for none. "
+            "If it can't be had, the router warns and runs without it.",
+        ],
+        [
             "metrics-users",
             None,
             100,
@@ -144,6 +153,11 @@ class Options(usage.Options):
         for option in ("listen", "metrics"):
             for description in self[option]:
                 _checkListen(description, option)
+        if self["control"]:
+            try:
+                serverFromString(MemoryReactor(), self["control"])
+            except Exception as e:
+                raise usage.UsageError(f"bad --control endpoint {self['control']!r}: {e}")
         _checkTemplate(self["user-socket"])
 
 
@@ -305,4 +319,8 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         site = RouterMetrics(factory).site()
         for description in options["metrics"]:
             _ListeningService(description, reactor, site).setServiceParent(top)
+    if options["control"]:
+        OptionalListener(
+            options["control"], reactor, controlSite(factory), "the control endpoint"
+        ).setServiceParent(top)
     return top

@@ -3,8 +3,11 @@ Issue 10, operating the router: its metrics checked against what really
 happened, the refusal log under a flood, the status command, and reload.
 """
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -165,3 +168,92 @@ class FloodTests(MetricsTestCase):
         grown = router.log().splitlines()[before:]
         self.assertLessEqual(len(grown), 24, "\n".join(grown[:40]))
         self.assertEqual(len([line for line in grown if "cause=too-many" in line]), 1, grown)
+
+
+def statusCommand(*args, uid=None):
+    """
+    Run C{docker-router status} from the tests' environment, as root or as
+    C{uid}: (exit status, stdout, stderr).
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "docker-router")
+    drop = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
+    done = subprocess.run(
+        [script, "status"] + list(args), capture_output=True, text=True, timeout=60, **drop
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+class StatusTests(IntegrationTestCase):
+    def startRouter(self, control=None):
+        self.control = control or "unix:%s:mode=600" % (
+            os.path.join(self.harness.tmp, "control.sock"),
+        )
+        return self.harness.startRouter(args=["--control", self.control])
+
+    def test_liveStreamShows(self):
+        """
+        A live, long-lived connection shows in the table and in JSON, with
+        its bytes so far and its age.
+        """
+        router = self.startRouter()
+        self.harness.startBackend(UID_A, "echo")
+        live = self.harness.startAgent(UID_A)
+        live.call("connect", path=router.listenPath)
+        live.call("send", data=b64(b"z" * 5000))
+        self.assertEqual(len(unb64(live.call("recvExact", size=5000)["data"])), 5000)
+        code, out, err = statusCommand("--control", self.control, "--json")
+        self.assertEqual(code, 0, err)
+        status = json.loads(out)
+        [user] = status["users"]
+        self.assertEqual(
+            (user["uid"], user["user"], user["connections"], user["bytesToDocker"], user["bytesFromDocker"]),
+            (UID_A, str(UID_A), 1, 5000, 5000),
+        )
+        self.assertGreater(user["oldestSeconds"], 0)
+        self.assertEqual(status["totals"]["connections"], 1)
+        self.assertEqual(status["pid"], router.pid)
+        code, out, err = statusCommand("--control", self.control)
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["USER", "UID", "CONNECTIONS", "TO", "DOCKER", "FROM", "DOCKER", "OLDEST"])
+        self.assertEqual(lines[1].split()[:6], [str(UID_A), str(UID_A), "1", "4.9", "KiB", "4.9"])
+        self.assertEqual(lines[2].split()[:4], ["TOTAL", "1", "users", "1"])
+        live.call("close")
+        pollUntil(lambda: json.loads(statusCommand("--control", self.control, "--json")[1])["users"] == [],
+                  10, what="the closed connection to leave the status")
+
+    def test_needsRoot(self):
+        """
+        Anyone but root is told it needs root; a non-root client that
+        reaches the socket anyway is refused by the router.
+        """
+        path = os.path.join(self.harness.tmp, "control.sock")
+        router = self.startRouter("unix:%s:mode=666" % (path,))
+        code, out, err = statusCommand("--control", self.control, uid=UID_A)
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("needs root", err)
+        reply = self.harness.startAgent(UID_A).call(
+            "raw", path=path, data=b64(b"GET /status HTTP/1.0\r\n\r\n"), shutdown=True
+        )
+        status, _, body = parseResponse(unb64(reply["head"]))
+        self.assertEqual((status, json.loads(body)), (403, {"message": "docker-router status needs root"}),
+                         router.evidence())
+
+    def test_takenOrMissingIsAWarning(self):
+        """
+        A control endpoint another router holds, or one whose directory is
+        missing, is a warning; the router serves anyway.
+        """
+        first = self.startRouter("unix:%s:mode=600:lockfile=1" % (os.path.join(self.harness.tmp, "c.sock"),))
+        second = self.harness.startRouter(
+            listenPath=os.path.join(self.harness.tmp, "second.sock"), args=["--control", self.control]
+        )
+        second.waitLog(r"not serving the control endpoint on .*c\.sock.*: another docker-router serves it$")
+        missing = "unix:%s/nowhere/c.sock:mode=600" % (self.harness.tmp,)
+        third = self.harness.startRouter(
+            listenPath=os.path.join(self.harness.tmp, "third.sock"), args=["--control", missing]
+        )
+        third.waitLog(r"not serving the control endpoint on .*nowhere/c\.sock:mode=600: its directory does not exist$")
+        self.assertEqual(statusCommand("--control", self.control)[0], 0, first.evidence())
+        for router in (first, second, third):
+            self.assertIsNone(router.process.poll())

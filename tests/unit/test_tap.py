@@ -62,7 +62,9 @@ class ServiceTests(SynchronousTestCase):
     def test_listensOnEachEndpointWithBacklog(self) -> None:
         reactor = _ListeningReactor()
         path = self.mktemp()
-        options = parse("--listen", f"unix:{path}:mode=666", "--listen", "unix:b.sock:backlog=7")
+        options = parse(
+            "--listen", f"unix:{path}:mode=666", "--listen", "unix:b.sock:backlog=7", "--control", ""
+        )
         service = makeService(options, reactor=reactor)
         service.privilegedStartService()
         service.startService()
