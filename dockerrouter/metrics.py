@@ -45,12 +45,13 @@ class RouterMetrics:
     The metrics of one L{RouterFactory}, in a registry of their own (tests
     run many routers in one process).
 
-    @ivar reloads: reloads of the configuration, by result.
+    @ivar reloads: reloads of the configuration by result (the reloader's
+        own counts).
     """
 
-    def __init__(self, factory) -> None:
+    def __init__(self, factory, reloads: dict[str, int]) -> None:
         self.factory = factory
-        self.reloads = {"ok": 0, "error": 0}
+        self.reloads = reloads
         self.registry = CollectorRegistry(auto_describe=False)
         factory.durations = Histogram(
             "docker_router_connection_duration_seconds",
@@ -107,7 +108,7 @@ class _LiveState:
             up, down = relay.bytesMoved()
             toDocker += up
             fromDocker += down
-            if factory.usersKept:
+            if factory.settings.usersKept:
                 counts = live.setdefault(relay.backend.uid, [0, 0])
                 counts[0] += up
                 counts[1] += down
@@ -123,7 +124,7 @@ class _LiveState:
         info = GaugeMetricFamily("docker_router_build_info", "The running version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
-        if factory.usersKept:
+        if factory.settings.usersKept:
             yield from self._perUser(factory, live)
 
     def _perUser(self, factory, live: dict[int, list[int]]) -> Iterator[Metric]:

@@ -35,6 +35,7 @@ from dockerrouter.backends import (
     explainConnectFailure,
     verifyDaemon,
 )
+from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials, peerCredentials
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
@@ -89,13 +90,15 @@ class ServerProtocol(Protocol):
         self.transport.pauseProducing()
         self.startedAt = self.factory.reactor.seconds()
         self.client = peerCredentials(self.transport.getHandle())
-        self.backend = self.factory.resolver.resolve(self.client)
+        # Read once: a reload gives later connections other settings.
+        self.settings = self.factory.settings
+        self.backend = self.settings.resolver.resolve(self.client)
         try:
             self.factory.admit(self)
         except BackendUnusable as reason:
             self._reject(reason)
             return
-        self._connectBy = self.startedAt + self.factory.connectTimeout
+        self._connectBy = self.startedAt + self.settings.connectTimeout
         self._connectFrom = self.factory.reactor.seconds()
         self._connect()
 
@@ -109,7 +112,7 @@ class ServerProtocol(Protocol):
             if self.factory.reactor.seconds() < self._connectBy:
                 self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
             else:
-                self._reject(ConnectTimeout(self.backend, f"{self.factory.connectTimeout:g}"))
+                self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
         except OSError as e:
             self._reject(explainConnectFailure(self.backend, e))
@@ -248,10 +251,7 @@ class RouterFactory(Factory):
         maxConnectionsPerUser: Optional[int] = None,
     ) -> None:
         self.reactor = reactor
-        self.resolver = resolver
-        self.connectTimeout = connectTimeout
-        self.maxConnections = maxConnections
-        self.maxConnectionsPerUser = maxConnectionsPerUser
+        self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
         self.pipes = PipePool()
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
@@ -262,9 +262,8 @@ class RouterFactory(Factory):
         self.results: dict[str, int] = {"relayed": 0}
         # Bytes to and from Docker of the relays that have ended.
         self.endedBytes = [0, 0]
-        # Per user, when asked: uid -> [name, bytes to, bytes from of ended
-        # relays], the most recently active last, at most this many.
-        self.usersKept = 0
+        # Per user, when asked (settings.usersKept): uid -> [name, bytes to,
+        # bytes from of ended relays], the most recently active last.
         self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
         # Histograms (with an observe method) that metrics may set.
         self.durations = None
@@ -294,20 +293,21 @@ class RouterFactory(Factory):
         """
         uid = relay.backend.uid
         held = self._perUser.get(uid, 0)
-        if self.maxConnections is not None and len(self.relays) >= self.maxConnections:
-            raise TooManyInTotal(relay.backend, str(self.maxConnections))
-        if self.maxConnectionsPerUser is not None and held >= self.maxConnectionsPerUser:
-            raise TooManyForUser(relay.backend, str(self.maxConnectionsPerUser))
+        settings = relay.settings
+        if settings.maxConnections is not None and len(self.relays) >= settings.maxConnections:
+            raise TooManyInTotal(relay.backend, str(settings.maxConnections))
+        if settings.maxConnectionsPerUser is not None and held >= settings.maxConnectionsPerUser:
+            raise TooManyForUser(relay.backend, str(settings.maxConnectionsPerUser))
         self.relays.add(relay)
         self._perUser[uid] = held + 1
-        if self.usersKept:
+        if settings.usersKept:
             self._recentUser(relay.backend)
 
     def _recentUser(self, backend: Backend) -> list:
         kept = self.recentUsers.get(backend.uid)
         if kept is None:
             kept = self.recentUsers[backend.uid] = [backend.user, 0, 0]
-            while len(self.recentUsers) > self.usersKept:
+            while len(self.recentUsers) > self.settings.usersKept:
                 self.recentUsers.popitem(last=False)
         else:
             self.recentUsers.move_to_end(backend.uid)
@@ -328,7 +328,7 @@ class RouterFactory(Factory):
             toDocker, fromDocker = relay.bytesMoved()
             self.endedBytes[0] += toDocker
             self.endedBytes[1] += fromDocker
-            if self.usersKept:
+            if self.settings.usersKept:
                 kept = self._recentUser(relay.backend)
                 kept[1] += toDocker
                 kept[2] += fromDocker

@@ -21,6 +21,15 @@ from dockerrouter.backends import (
     RecentNames,
     SubordinateIds,
 )
+from dockerrouter.config import (
+    DEFAULT_PATH as DEFAULT_CONFIG,
+    REPEATABLE,
+    ConfigError,
+    Reloader,
+    Settings,
+    applyFile,
+    configPath,
+)
 from dockerrouter.control import DEFAULT_CONTROL, OptionalListener, controlSite
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
@@ -107,6 +116,13 @@ class Options(usage.Options):
             "their rootless container) is routed to that user's daemon.",
         ],
         [
+            "config",
+            None,
+            None,
+            "Configuration file (TOML, one key per long option; the command "
+            "line wins), re-read on SIGHUP. [default: " + DEFAULT_CONFIG + " if it exists]",
+        ],
+        [
             "control",
             None,
             DEFAULT_CONTROL,
@@ -132,6 +148,28 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["metrics"] = []
+        # The long options given on the command line: the file can't change them.
+        self.given: set[str] = set()
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(name, handler)
+
+    def _recording(self, name, handler):
+        def dispatch(option, value):
+            self.given.add(name)
+            if isinstance(handler, usage.CoerceParameter):
+                handler.dispatch(option, value)
+            else:
+                handler(option, value)
+
+        return dispatch
+
+    def fromCommandLine(self) -> "Options":
+        """New options with what the command line gave, before any file."""
+        fresh = type(self)()
+        fresh.given = set(self.given)
+        for name, value in self.commandLine.items():
+            fresh[name] = list(value) if isinstance(value, list) else value
+        return fresh
 
     def opt_listen(self, description: str) -> None:
         """
@@ -148,6 +186,14 @@ class Options(usage.Options):
         self["metrics"].append(description)
 
     def postOptions(self) -> None:
+        self.commandLine = {name: self[name] for name in self.given}
+        self.commandLine.update({name: list(self[name]) for name in REPEATABLE if name in self.given})
+        path = configPath(self["config"])
+        if path is not None:
+            try:
+                applyFile(self, path)
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for option in ("listen", "metrics"):
@@ -255,21 +301,21 @@ class _DrainService(Service):
 
     log = RouterLogger()
 
-    def __init__(self, factory: RouterFactory, timeout: float) -> None:
+    def __init__(self, factory: RouterFactory) -> None:
         self.factory = factory
-        self.timeout = timeout
 
     def stopService(self):
         super().stopService()
         live = len(self.factory.relays)
+        timeout = self.factory.settings.shutdownTimeout
         if live:
             self.log.info(
                 "shutting down: letting {live} live connections finish "
                 "for up to {timeout}s",
                 live=live,
-                timeout=self.timeout,
+                timeout=timeout,
             )
-        return self.factory.drain(self.timeout).addCallback(self._summarize)
+        return self.factory.drain(timeout).addCallback(self._summarize)
 
     def _summarize(self, counts: tuple) -> None:
         finished, aborted = counts
@@ -291,32 +337,39 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         limit=limit,
         before=before,
     )
-    subordinates = None
-    if not options["no-subuid"]:
-        subordinates = SubordinateIds(
-            options["subuid-file"],
-            warn=lambda text: log.warn("{message}", message=text),
-            clock=reactor.seconds,
+
+    def settingsFrom(options: Options) -> Settings:
+        subordinates = None
+        if not options["no-subuid"]:
+            subordinates = SubordinateIds(
+                options["subuid-file"],
+                warn=lambda text: log.warn("{message}", message=text),
+                clock=reactor.seconds,
+            )
+        return Settings(
+            resolver=BackendResolver(
+                options["user-socket"],
+                lookupName=RecentNames(reactor.seconds),
+                subordinates=subordinates,
+            ),
+            connectTimeout=options["connect-timeout"],
+            maxConnections=options["max-connections"] or connectionsFor(limit),
+            maxConnectionsPerUser=options["max-connections-per-user"],
+            shutdownTimeout=options["shutdown-timeout"],
+            usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
         )
-    factory = RouterFactory(
-        reactor,
-        BackendResolver(
-            options["user-socket"],
-            lookupName=RecentNames(reactor.seconds),
-            subordinates=subordinates,
-        ),
-        connectTimeout=options["connect-timeout"],
-        maxConnections=options["max-connections"] or connectionsFor(limit),
-        maxConnectionsPerUser=options["max-connections-per-user"],
-    )
+
+    settings = settingsFrom(options)
+    factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
+    factory.settings = settings
     top = MultiService()
-    _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
+    _DrainService(factory).setServiceParent(top)
     for description in options["listen"]:
         _ListeningService(description, reactor, factory).setServiceParent(top)
-    if options["metrics-per-user"]:
-        factory.usersKept = options["metrics-users"]
+    reload = Reloader(options, factory, settingsFrom, log)
+    top.reload = reload
     if options["metrics"]:
-        site = RouterMetrics(factory).site()
+        site = RouterMetrics(factory, reload.counts).site()
         for description in options["metrics"]:
             _ListeningService(description, reactor, site).setServiceParent(top)
     if options["control"]:

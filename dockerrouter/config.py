@@ -1,0 +1,158 @@
+"""
+The configuration file, and reloading it.
+
+The file is TOML with one top-level key per long command-line option
+(C{max-connections-per-user = 50}; a list for a repeatable one, C{metrics =
+["unix:..."]}; C{true} for a flag).  What the command line gives wins over
+the file.  What the factory needs for a new connection is one L{Settings},
+replaced whole on reload: nothing changes under a live relay, and a reload
+can't be half applied.
+"""
+
+import os
+import re
+import tomllib
+from typing import Any, Callable, Optional
+
+from attrs import frozen
+
+from dockerrouter.backends import BackendResolver
+
+DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
+
+# Options that take a restart: what the router listens on.
+RESTART_ONLY = ("listen", "metrics", "control")
+REPEATABLE = ("listen", "metrics")
+
+
+class ConfigError(Exception):
+    """The file can't be read, does not parse, or says something invalid."""
+
+
+@frozen
+class Settings:
+    """What a new connection is handled with (and the drain's timeout)."""
+
+    resolver: BackendResolver
+    connectTimeout: float
+    maxConnections: Optional[int] = None
+    maxConnectionsPerUser: Optional[int] = None
+    shutdownTimeout: float = 10.0
+    # Users with per-user metrics series (the most recently active); 0: none.
+    usersKept: int = 0
+
+
+def configPath(given: Optional[str]) -> Optional[str]:
+    """The file to read: the one given, or the default one if it exists."""
+    if given:
+        return given
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
+def readFile(path: str) -> tuple[dict[str, Any], str]:
+    """
+    The file's keys and values, and its text.
+
+    @raise ConfigError: with the line, for a file that does not parse.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}")
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}")
+
+
+def applyFile(options, path: str) -> None:
+    """
+    Set in C{options} what the file at C{path} says, except what the
+    command line gave (C{options.given}).
+
+    @raise ConfigError: naming the file and the line.
+    """
+    values, text = readFile(path)
+    coercions = {row[0]: row[4] if len(row) > 4 else None for row in options.optParameters}
+    flags = {row[0] for row in options.optFlags}
+    for key, value in values.items():
+        where = f"{path}, line {_lineOf(text, key)}"
+        if key in REPEATABLE:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+        elif key in flags:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
+        elif key in coercions and key != "config":
+            coerce = coercions[key]
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ConfigError(f"{where}: {key} must be a single value")
+            if coerce is None and not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string")
+            try:
+                value = coerce(str(value)) if coerce else value
+            except ValueError as e:
+                raise ConfigError(f"{where}: {key}: {e}")
+        else:
+            raise ConfigError(f"{where}: unknown option {key!r}")
+        if key not in options.given:
+            options[key] = value
+
+
+def _lineOf(text: str, key: str) -> int:
+    """The line where a top-level key is set (for messages)."""
+    match = re.search(r"^[ \t]*[\"']?%s[\"']?[ \t]*=" % (re.escape(key),), text, re.MULTILINE)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
+
+
+class Reloader:
+    """
+    Re-reads the configuration file and gives the factory new settings.
+
+    New values apply to new connections only; a change that needs a restart
+    is refused with a warning, and a file that is wrong changes nothing.
+    """
+
+    def __init__(
+        self,
+        options,
+        factory,
+        build: Callable[[Any], Settings],
+        log,
+    ) -> None:
+        self.options = options
+        self.factory = factory
+        self.build = build
+        self.log = log
+        self.counts = {"ok": 0, "error": 0}
+
+    def __call__(self) -> None:
+        fresh = self.options.fromCommandLine()
+        try:
+            fresh.postOptions()
+            path = configPath(fresh["config"])
+            if path is None:
+                return
+            settings = self.build(fresh)
+        except Exception as e:
+            self.counts["error"] += 1
+            self.log.error(
+                "reload failed, still running with the previous configuration: {error}",
+                error=e,
+            )
+            return
+        for key in RESTART_ONLY:
+            if fresh[key] != self.options[key]:
+                self.log.warn(
+                    "reload: {key} changed in {path}, which takes a restart; "
+                    "still {old}",
+                    key=key,
+                    path=path,
+                    old=self.options[key],
+                )
+                fresh[key] = self.options[key]
+        self.options = fresh
+        self.factory.settings = settings
+        self.counts["ok"] += 1
+        self.log.info("reloaded {path}: new connections use it", path=path)
