@@ -425,6 +425,16 @@ RELAYS: dict[str, RelayKind] = {
         ],
         lambda s: _which(s.twistd),
     ),
+    "router-metrics": RelayKind(
+        "router-metrics",
+        "docker-router under twistd, serving metrics (the cost of metrics: compare with router)",
+        lambda s, path, b: [
+            s.twistd, "-n", "--pidfile=", "--logfile=-", "docker-router",
+            "--listen", f"unix:{path}:mode=666:lockfile=1", "--user-socket", b.template,
+            "--metrics", f"unix:{path}.metrics:mode=600", *s.routerArgs,
+        ],
+        lambda s: _which(s.twistd),
+    ),
 }
 
 

@@ -14,7 +14,16 @@ from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import (
+    FileLogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+    timeFormatRFC3339,
+)
 
 SYSLOG_PRIORITIES = {
     LogLevel.debug: syslog.LOG_DEBUG,
@@ -117,3 +126,62 @@ class RejectionLog:
             if count:
                 self._summary(uid, user, cause, count)
         self._held.clear()
+
+
+class ClassicText:
+    """
+    Twisted's classic log line (C{formatEventAsClassicLogText}), made
+    cheaper for the router's records: the timestamp is formatted once a
+    second rather than per line (with Twisted's own C{formatTime}), and an
+    event whose text L{emitFormatted} has made is not formatted again.
+    The lines are the same, character for character.
+    """
+
+    def __init__(self, timeFormat: Optional[str] = timeFormatRFC3339) -> None:
+        self._timeFormat = timeFormat
+        self._second: Optional[int] = None
+        self._stamp = ""
+
+    def formatTime(self, when: Optional[float]) -> str:
+        if when is None or self._timeFormat is None:
+            return formatTime(when, self._timeFormat)
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._stamp = formatTime(second, self._timeFormat)
+        return self._stamp
+
+    def __call__(self, event: dict) -> Optional[str]:
+        if event.get("log_format") != "{text}" or "log_failure" in event or "text" not in event:
+            return formatEventAsClassicLogText(event, formatTime=self.formatTime)
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+        text = event["text"]
+        if not text:
+            return None
+        line = f"{self.formatTime(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+
+def speedUpFileLogs(publisher: LogPublisher = globalLogPublisher) -> int:
+    """
+    Give the file observers twistd made (C{--logfile}, or standard output
+    with C{-n}) a L{ClassicText} formatter; they are found among the global
+    publisher's observers by the formatter C{textFileLogObserver} gave them.
+    Syslog and other observers are left alone.
+
+    @return: how many were changed.
+    """
+    changed = 0
+    for observer in getattr(publisher, "_observers", ()):
+        if isinstance(observer, FileLogObserver) and getattr(
+            observer.formatEvent, "__qualname__", ""
+        ) == _TWISTED_TEXT_FORMAT:
+            observer.formatEvent = ClassicText()
+            changed += 1
+    return changed
+
+
+_TWISTED_TEXT_FORMAT = "textFileLogObserver.<locals>.formatEvent"

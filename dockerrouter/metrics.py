@@ -1,18 +1,25 @@
 """
 Prometheus metrics of a running router, served over HTTP by C{twisted.web}.
 
-Everything but the two histograms is read from the factory's live state when
-Prometheus scrapes (a collector, not counters bumped per event): bytes come
-from the splicers' own counts, so open streams are included and nothing is
-done per chunk.  A scrape is answered in the reactor thread, so it sees one
+Everything is read from the factory's live state when Prometheus scrapes (a
+collector, not counters bumped per event): bytes come from the splicers' own
+counts, so open streams are included and nothing is done per chunk; the two
+histograms are plain bucket counts the factory adds to once per connection.  A scrape is answered in the reactor thread, so it sees one
 consistent state; it does no I/O and costs time in the number of live
 connections.
 """
 
+from bisect import bisect_left
 from typing import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -53,18 +60,8 @@ class RouterMetrics:
         self.factory = factory
         self.reloads = reloads
         self.registry = CollectorRegistry(auto_describe=False)
-        factory.durations = Histogram(
-            "docker_router_connection_duration_seconds",
-            "How long relayed connections lasted, from accept to close.",
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        factory.connectTimes = Histogram(
-            "docker_router_backend_connect_seconds",
-            "Time to connect to a user's daemon and verify who runs it.",
-            buckets=CONNECT_BUCKETS,
-            registry=self.registry,
-        )
+        factory.durations = Buckets(DURATION_BUCKETS)
+        factory.connectTimes = Buckets(CONNECT_BUCKETS)
         self.registry.register(_LiveState(self))
 
     def site(self) -> Site:
@@ -72,6 +69,32 @@ class RouterMetrics:
         root = Resource()
         root.putChild(b"metrics", _MetricsPage(self.registry))
         return QuietSite(root)
+
+
+class Buckets:
+    """
+    A histogram's counts, kept by what observes it: a bisect and two
+    additions per observation (prometheus_client's C{Histogram} takes a lock
+    and walks every bucket).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, total = [], 0
+        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+            total += count
+            cumulative.append((floatToGoString(bound), total))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.sum)
 
 
 class _LiveState:
@@ -121,6 +144,14 @@ class _LiveState:
         for result, count in self._metrics.reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+        yield factory.durations.family(
+            "docker_router_connection_duration_seconds",
+            "How long relayed connections lasted, from accept to close.",
+        )
+        yield factory.connectTimes.family(
+            "docker_router_backend_connect_seconds",
+            "Time to connect to a user's daemon and verify who runs it.",
+        )
         info = GaugeMetricFamily("docker_router_build_info", "The running version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

@@ -5,6 +5,8 @@ happened, the refusal log under a flood, the status command, and reload.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -257,3 +259,43 @@ class StatusTests(IntegrationTestCase):
         self.assertEqual(statusCommand("--control", self.control)[0], 0, first.evidence())
         for router in (first, second, third):
             self.assertIsNone(router.process.poll())
+
+
+class ReloadTests(MetricsTestCase):
+    def test_reloadAppliesToNewConnectionsOnly(self):
+        """
+        SIGHUP re-reads the file: a lower cap refuses new connections while
+        a live relay keeps flowing; then a broken file leaves the router
+        serving with the settings it had, and is counted.
+        """
+        path = os.path.join(self.harness.tmp, "docker-router.toml")
+        with open(path, "w") as f:
+            f.write("max-connections-per-user = 3\n")
+        router = self.startRouter("--config", path)
+        self.harness.startBackend(UID_A, "echo")
+        self.harness.startBackend(UID_B, "http")
+        live = self.harness.startEchoLoop(UID_A, router.listenPath)
+        self.assertServedBy(self.get(UID_A, router=router), UID_A, router)  # 2 of 3
+
+        with open(path, "w") as f:
+            f.write("# fewer\nmax-connections-per-user = 1\n")
+        os.kill(router.pid, signal.SIGHUP)
+        router.waitLog(r"reloaded %s" % (re.escape(path),))
+        reply = self.get(UID_A, router=router)
+        self.assertEqual(reply["status"], 429, reply)
+        self.assertIn("1 connections", json.loads(unb64(reply["body"]))["message"])
+        progressed = live.waitEvent("progress", 20, len(live.events))[1]["ok"]
+        self.assertGreater(progressed, 0)
+
+        with open(path, "w") as f:
+            f.write("max-connections-per-user = 5\nconnect-timeout = [\n")
+        os.kill(router.pid, signal.SIGHUP)
+        router.waitLog(r"reload failed, still running with the previous configuration: .*line 2")
+        self.assertEqual(self.get(UID_A, router=router)["status"], 429)
+        self.assertServedBy(self.get(UID_B, router=router), UID_B, router)
+        samples = self.scrape()
+        self.assertEqual(one(samples, "docker_router_reloads_total", result="ok"), 1)
+        self.assertEqual(one(samples, "docker_router_reloads_total", result="error"), 1)
+        live.waitEvent("progress", 20, len(live.events))
+        self.assertEqual(live.count("failed"), 0, live.events[-3:])
+        self.assertIsNone(router.process.poll(), router.evidence())

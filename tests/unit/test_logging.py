@@ -4,10 +4,17 @@ full, then at most one summary line per minute.
 """
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, capturedLogs
+from twisted.logger import Logger, LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.logging import RejectionLog
+from dockerrouter.logging import (
+    CONNECTION_DONE,
+    ClassicText,
+    RejectionLog,
+    RouterLogger,
+    emitFormatted,
+    speedUpFileLogs,
+)
 
 
 class RejectionLogTests(SynchronousTestCase):
@@ -69,3 +76,51 @@ class RejectionLogTests(SynchronousTestCase):
             self.rejections.stop()
         self.assertEqual(self.texts(events), ["3 more connections of uid 1002 (bob) refused: too-many"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """
+    The cheaper file log lines are Twisted's, character for character, and
+    twistd's file observer is found where this code expects it.
+    """
+
+    def events(self) -> list[dict]:
+        from twisted.python.failure import Failure
+
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        made: list[dict] = []
+        log = RouterLogger(namespace="dockerrouter.relay.ServerProtocol", observer=made.append)
+        emitFormatted(log, LogLevel.info, CONNECTION_DONE, uid=1001, user="alice", pid=4711,
+                      backend="/run/user/1001/docker.sock", duration=0.25, bytesToDocker=183,
+                      bytesFromDocker=2211, end="closed")
+        log.warn("two\nlines {n}", n=2)
+        log.failure("it broke", failure)
+        emitFormatted(log, LogLevel.warn, "{extra} and more", extra=1)
+        made.append(dict(log_format="{text}", text="legacy", log_system="-", log_time=made[0]["log_time"] + 0.5))
+        made.append(dict(log_format="{text}", text="", log_time=made[0]["log_time"] + 1.0))
+        return made
+
+    def test_sameLines(self) -> None:
+        from twisted.logger import formatEventAsClassicLogText
+
+        classic = ClassicText()
+        for event in self.events():
+            self.assertEqual(classic(event), formatEventAsClassicLogText(event), event)
+
+    def test_findsTwistdsFileObserver(self) -> None:
+        import io
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = io.StringIO()
+        fileObserver = textFileLogObserver(out)
+        other = textFileLogObserver(io.StringIO(), timeFormat=None)
+        other.formatEvent = lambda event: "mine\n"
+        publisher = LogPublisher(fileObserver, other, lambda event: None)
+        self.assertEqual(speedUpFileLogs(publisher), 1)
+        self.assertIsInstance(fileObserver.formatEvent, ClassicText)
+        emitFormatted(RouterLogger(observer=publisher), LogLevel.info, "x={x}", x=1)
+        self.assertTrue(out.getvalue().endswith("#info] x=1\n"), out.getvalue())
