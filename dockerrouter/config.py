@@ -15,8 +15,10 @@ import tomllib
 from typing import Any, Callable, Optional
 
 from attrs import frozen
+from twisted.python import usage
 
-from dockerrouter.backends import BackendResolver
+from dockerrouter.backends import BackendResolver, RecentNames, SubordinateIds
+from dockerrouter.limits import connectionsFor
 
 DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
 
@@ -40,6 +42,75 @@ class Settings:
     shutdownTimeout: float = 10.0
     # Users with per-user metrics series (the most recently active); 0: none.
     usersKept: int = 0
+
+
+class FileOptions(usage.Options):
+    """
+    Command-line options that a configuration file can also give: it
+    remembers which options the command line gave (they win), and
+    L{readConfigFile} fills in the rest from the file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: set[str] = set()
+        self.commandLine: dict[str, Any] = {}
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(name, handler)
+
+    def _recording(self, name: str, handler):
+        def dispatch(option, value):
+            self.given.add(name)
+            if isinstance(handler, usage.CoerceParameter):
+                handler.dispatch(option, value)
+            else:
+                handler(option, value)
+
+        return dispatch
+
+    def readConfigFile(self) -> None:
+        """
+        Call first in C{postOptions}: set what the file says and the command
+        line did not.
+
+        @raise usage.UsageError: naming the file and the line.
+        """
+        self.commandLine = {
+            name: list(self[name]) if name in REPEATABLE else self[name] for name in self.given
+        }
+        path = configPath(self["config"])
+        if path is not None:
+            try:
+                applyFile(self, path)
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
+
+    def fromCommandLine(self) -> "FileOptions":
+        """New options with what the command line gave, and no file read yet."""
+        fresh = type(self)()
+        fresh.given = set(self.given)
+        for name, value in self.commandLine.items():
+            fresh[name] = list(value) if isinstance(value, list) else value
+        return fresh
+
+
+def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], None]) -> Settings:
+    """The L{Settings} that C{options} give."""
+    subordinates = None
+    if not options["no-subuid"]:
+        subordinates = SubordinateIds(options["subuid-file"], warn=warn, clock=reactor.seconds)
+    return Settings(
+        resolver=BackendResolver(
+            options["user-socket"],
+            lookupName=RecentNames(reactor.seconds),
+            subordinates=subordinates,
+        ),
+        connectTimeout=options["connect-timeout"],
+        maxConnections=options["max-connections"] or connectionsFor(descriptorLimit),
+        maxConnectionsPerUser=options["max-connections-per-user"],
+        shutdownTimeout=options["shutdown-timeout"],
+        usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
+    )
 
 
 def configPath(given: Optional[str]) -> Optional[str]:
@@ -127,21 +198,22 @@ class Reloader:
         self.log = log
         self.counts = {"ok": 0, "error": 0}
 
-    def __call__(self) -> None:
+    def __call__(self) -> str:
+        """Reload; a few words for the reload's log line."""
         fresh = self.options.fromCommandLine()
+        path = configPath(fresh["config"])
+        if path is None:
+            return "no configuration file"
         try:
             fresh.postOptions()
-            path = configPath(fresh["config"])
-            if path is None:
-                return
             settings = self.build(fresh)
         except Exception as e:
             self.counts["error"] += 1
             self.log.error(
-                "reload failed, still running with the previous configuration: {error}",
+                "reload: still running with the previous configuration: {error}",
                 error=e,
             )
-            return
+            return f"{path} not applied (error)"
         for key in RESTART_ONLY:
             if fresh[key] != self.options[key]:
                 self.log.warn(
@@ -155,4 +227,4 @@ class Reloader:
         self.options = fresh
         self.factory.settings = settings
         self.counts["ok"] += 1
-        self.log.info("reloaded {path}: new connections use it", path=path)
+        return f"{path} applied to new connections"

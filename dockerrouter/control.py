@@ -5,25 +5,21 @@ C{docker-router status}.
 It is root's only: the default socket is mode 0600 in a root-owned
 directory, and a Unix client that is not root is refused anyway (its
 credentials are read from the socket).  Nothing here changes the router.
-A control endpoint that can't be had is a warning, never a failure: several
-routers may run on one host, and only one can have the default path.
+A control endpoint that can't be had is a warning, never a failure (see
+L{OptionalListener<dockerrouter.web.OptionalListener>}): several routers may
+run on one host, and only one can have the default path.
 """
 
-import errno
 import json
 import os
 import socket
 import struct
 from typing import Any, Optional
 
-from twisted.application.service import Service
-from twisted.internet.endpoints import serverFromString
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dockerrouter import __version__, cli
-from dockerrouter.logging import RouterLogger
 from dockerrouter.web import QuietSite
 
 # The lock file lets a restart after a crash take over a stale socket.
@@ -93,51 +89,3 @@ def controlSite(factory) -> Site:
     root = Resource()
     root.putChild(b"status", _StatusPage(factory))
     return QuietSite(root)
-
-
-class OptionalListener(Service):
-    """
-    Serves a site on an endpoint if it can be had, and warns if not.
-    """
-
-    log = RouterLogger()
-    _port = None
-
-    def __init__(self, description: str, reactor, site: Site, what: str) -> None:
-        self.description = description
-        self._reactor = reactor
-        self._site = site
-        self._what = what
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        try:
-            waiting = serverFromString(self._reactor, self.description).listen(self._site)
-        except Exception:
-            waiting = Failure()
-        if isinstance(waiting, Failure):
-            self._cannot(waiting)
-        else:
-            waiting.addCallbacks(self._listening, self._cannot)
-
-    def _listening(self, port) -> None:
-        self._port = port
-
-    def _cannot(self, failure: Failure) -> None:
-        reason = getattr(failure.value, "socketError", None) or failure.value
-        if reason == "Cannot acquire lock":
-            reason = "another docker-router serves it"
-        elif getattr(reason, "errno", None) == errno.ENOENT:
-            reason = "its directory does not exist"
-        self.log.warn(
-            "not serving {what} on {endpoint}: {reason}",
-            what=self._what,
-            endpoint=self.description,
-            reason=reason,
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()

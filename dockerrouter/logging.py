@@ -12,6 +12,7 @@ both, so warnings arrive as LOG_WARNING in the daemon facility.
 import syslog
 from typing import Any, Optional
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted.logger import (
@@ -185,3 +186,11 @@ def speedUpFileLogs(publisher: LogPublisher = globalLogPublisher) -> int:
 
 
 _TWISTED_TEXT_FORMAT = "textFileLogObserver.<locals>.formatEvent"
+
+
+class FileLogsService(Service):
+    """Once twistd has begun logging, makes its file log lines cheaper."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        speedUpFileLogs()

@@ -15,26 +15,15 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from dockerrouter.backends import (
-    DEFAULT_TEMPLATE,
-    BackendResolver,
-    RecentNames,
-    SubordinateIds,
-)
-from dockerrouter.config import (
-    DEFAULT_PATH as DEFAULT_CONFIG,
-    REPEATABLE,
-    ConfigError,
-    Reloader,
-    Settings,
-    applyFile,
-    configPath,
-)
-from dockerrouter.control import DEFAULT_CONTROL, OptionalListener, controlSite
-from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
-from dockerrouter.logging import RouterLogger, speedUpFileLogs
+from dockerrouter.backends import DEFAULT_TEMPLATE
+from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
+from dockerrouter.config import FileOptions, Reloader, settingsFrom
+from dockerrouter.control import DEFAULT_CONTROL, controlSite
+from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
+from dockerrouter.logging import FileLogsService, RouterLogger
 from dockerrouter.metrics import RouterMetrics
 from dockerrouter.relay import RouterFactory
+from dockerrouter.web import OptionalListener, checkEndpoint
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
 
@@ -64,7 +53,7 @@ def withBacklog(description: str) -> str:
     return description
 
 
-class Options(usage.Options):
+class Options(FileOptions):
     synopsis = "[options]"
     longdesc = (
         "Listen on the Docker socket path and relay each client to its own "
@@ -127,8 +116,7 @@ class Options(usage.Options):
             None,
             DEFAULT_CONTROL,
             "Twisted server endpoint string of the read-only control endpoint "
-            "that `docker-router status` reads (root only); empty for none. "
-            "If it can't be had, the router warns and runs without it.",
+            "that `docker-router status` reads (root only); empty for none.",
         ],
         [
             "metrics-users",
@@ -148,28 +136,6 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["metrics"] = []
-        # The long options given on the command line: the file can't change them.
-        self.given: set[str] = set()
-        for name, handler in list(self._dispatch.items()):
-            self._dispatch[name] = self._recording(name, handler)
-
-    def _recording(self, name, handler):
-        def dispatch(option, value):
-            self.given.add(name)
-            if isinstance(handler, usage.CoerceParameter):
-                handler.dispatch(option, value)
-            else:
-                handler(option, value)
-
-        return dispatch
-
-    def fromCommandLine(self) -> "Options":
-        """New options with what the command line gave, before any file."""
-        fresh = type(self)()
-        fresh.given = set(self.given)
-        for name, value in self.commandLine.items():
-            fresh[name] = list(value) if isinstance(value, list) else value
-        return fresh
 
     def opt_listen(self, description: str) -> None:
         """
@@ -186,32 +152,23 @@ class Options(usage.Options):
         self["metrics"].append(description)
 
     def postOptions(self) -> None:
-        self.commandLine = {name: self[name] for name in self.given}
-        self.commandLine.update({name: list(self[name]) for name in REPEATABLE if name in self.given})
-        path = configPath(self["config"])
-        if path is not None:
-            try:
-                applyFile(self, path)
-            except ConfigError as e:
-                raise usage.UsageError(str(e))
+        self.readConfigFile()
+        for description in self["metrics"]:
+            checkEndpoint(description, "metrics")
+        if self["control"]:
+            checkEndpoint(self["control"], "control")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        for option in ("listen", "metrics"):
-            for description in self[option]:
-                _checkListen(description, option)
-        if self["control"]:
-            try:
-                serverFromString(MemoryReactor(), self["control"])
-            except Exception as e:
-                raise usage.UsageError(f"bad --control endpoint {self['control']!r}: {e}")
+        for description in self["listen"]:
+            _checkListen(description)
         _checkTemplate(self["user-socket"])
 
 
-def _checkListen(description: str, option: str = "listen") -> None:
+def _checkListen(description: str) -> None:
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:
-        raise usage.UsageError(f"bad --{option} endpoint {description!r}: {e}")
+        raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}")
     if description.startswith("unix:"):
         path = description[len("unix:") :].split(":", 1)[0]
         directory = os.path.dirname(os.path.abspath(path))
@@ -293,14 +250,6 @@ class _ListeningService(StreamServerEndpointService):
         return super().stopService()
 
 
-class _FileLogsService(Service):
-    """Once twistd has begun logging, makes its file log lines cheaper."""
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        speedUpFileLogs()
-
-
 class _DrainService(Service):
     """
     On shutdown, lets live relays finish for a while, then cuts the rest.
@@ -346,43 +295,24 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         before=before,
     )
 
-    def settingsFrom(options: Options) -> Settings:
-        subordinates = None
-        if not options["no-subuid"]:
-            subordinates = SubordinateIds(
-                options["subuid-file"],
-                warn=lambda text: log.warn("{message}", message=text),
-                clock=reactor.seconds,
-            )
-        return Settings(
-            resolver=BackendResolver(
-                options["user-socket"],
-                lookupName=RecentNames(reactor.seconds),
-                subordinates=subordinates,
-            ),
-            connectTimeout=options["connect-timeout"],
-            maxConnections=options["max-connections"] or connectionsFor(limit),
-            maxConnectionsPerUser=options["max-connections-per-user"],
-            shutdownTimeout=options["shutdown-timeout"],
-            usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
-        )
+    def settingsFor(options: Options):
+        return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
-    settings = settingsFrom(options)
+    settings = settingsFor(options)
     factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
     factory.settings = settings
+    reload = Reloader(options, factory, settingsFor, log)
     top = MultiService()
-    _FileLogsService().setServiceParent(top)
+    top.reload = reload
+    FileLogsService().setServiceParent(top)
     _DrainService(factory).setServiceParent(top)
     for description in options["listen"]:
         _ListeningService(description, reactor, factory).setServiceParent(top)
-    reload = Reloader(options, factory, settingsFrom, log)
-    top.reload = reload
     if options["metrics"]:
         site = RouterMetrics(factory, reload.counts).site()
         for description in options["metrics"]:
-            _ListeningService(description, reactor, site).setServiceParent(top)
+            OptionalListener(description, reactor, site, "metrics").setServiceParent(top)
     if options["control"]:
-        OptionalListener(
-            options["control"], reactor, controlSite(factory), "the control endpoint"
-        ).setServiceParent(top)
+        control = controlSite(factory)
+        OptionalListener(options["control"], reactor, control, "the control endpoint").setServiceParent(top)
     return top

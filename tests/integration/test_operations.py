@@ -280,7 +280,7 @@ class ReloadTests(MetricsTestCase):
         with open(path, "w") as f:
             f.write("# fewer\nmax-connections-per-user = 1\n")
         os.kill(router.pid, signal.SIGHUP)
-        router.waitLog(r"reloaded %s" % (re.escape(path),))
+        router.waitLog(r"reloaded on SIGHUP: .*%s applied to new connections" % (re.escape(path),))
         reply = self.get(UID_A, router=router)
         self.assertEqual(reply["status"], 429, reply)
         self.assertIn("1 connections", json.loads(unb64(reply["body"]))["message"])
@@ -290,7 +290,7 @@ class ReloadTests(MetricsTestCase):
         with open(path, "w") as f:
             f.write("max-connections-per-user = 5\nconnect-timeout = [\n")
         os.kill(router.pid, signal.SIGHUP)
-        router.waitLog(r"reload failed, still running with the previous configuration: .*line 2")
+        router.waitLog(r"reload: still running with the previous configuration: .*line 2")
         self.assertEqual(self.get(UID_A, router=router)["status"], 429)
         self.assertServedBy(self.get(UID_B, router=router), UID_B, router)
         samples = self.scrape()

@@ -87,7 +87,7 @@ class ReloadTests(SynchronousTestCase):
         before = self.factory.settings
         self.path.setContent(b"max-connections-per-user = 6\nconnect-timeout = 9\nmetrics-per-user = true\n")
         with capturedLogs() as events:
-            self.reload()
+            said = self.reload()
         after = self.factory.settings
         self.assertIsNot(after, before)
         self.assertEqual(
@@ -95,13 +95,15 @@ class ReloadTests(SynchronousTestCase):
         )
         self.assertEqual(before.maxConnectionsPerUser, 5)
         self.assertEqual(self.reload.counts, {"ok": 1, "error": 0})
-        self.assertEqual([e["log_level"].name for e in events], ["info"])
+        self.assertEqual(said, f"{self.path.path} applied to new connections")
+        self.assertEqual(events, [])
 
     def test_badFileKeepsTheOld(self) -> None:
         before = self.factory.settings
         self.path.setContent(b"max-connections-per-user = 6\nmax-connections-per-user = 7\n")
         with capturedLogs() as events:
-            self.reload()
+            said = self.reload()
+        self.assertEqual(said, f"{self.path.path} not applied (error)")
         self.assertIs(self.factory.settings, before)
         self.assertEqual(self.reload.counts, {"ok": 0, "error": 1})
         [error] = events
