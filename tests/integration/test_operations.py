@@ -262,6 +262,12 @@ class StatusTests(IntegrationTestCase):
 
 
 class ReloadTests(MetricsTestCase):
+    def exchange(self, uid, router, data):
+        """One request by a fresh client of C{uid}; the raw answer."""
+        agent = self.harness.startAgent(uid)
+        reply = agent.call("raw", path=router.listenPath, data=b64(data), shutdown=True)
+        return unb64(reply["head"])
+
     def test_reloadAppliesToNewConnectionsOnly(self):
         """
         SIGHUP re-reads the file: a lower cap refuses new connections while
@@ -275,23 +281,24 @@ class ReloadTests(MetricsTestCase):
         self.harness.startBackend(UID_A, "echo")
         self.harness.startBackend(UID_B, "http")
         live = self.harness.startEchoLoop(UID_A, router.listenPath)
-        self.assertServedBy(self.get(UID_A, router=router), UID_A, router)  # 2 of 3
+        request = lineRequest()
+        self.assertEqual(self.exchange(UID_A, router, request), request)  # 2 of 3
 
         with open(path, "w") as f:
             f.write("# fewer\nmax-connections-per-user = 1\n")
         os.kill(router.pid, signal.SIGHUP)
         router.waitLog(r"reloaded on SIGHUP: .*%s applied to new connections" % (re.escape(path),))
-        reply = self.get(UID_A, router=router)
-        self.assertEqual(reply["status"], 429, reply)
-        self.assertIn("1 connections", json.loads(unb64(reply["body"]))["message"])
+        status, _, body = parseResponse(self.exchange(UID_A, router, request))
+        self.assertEqual(status, 429, router.evidence())
+        self.assertIn("at most 1 connections", json.loads(body)["message"])
         progressed = live.waitEvent("progress", 20, len(live.events))[1]["ok"]
         self.assertGreater(progressed, 0)
 
         with open(path, "w") as f:
-            f.write("max-connections-per-user = 5\nconnect-timeout = [\n")
+            f.write("max-connections-per-user = 5\nconnect-timeout = = 3\n")
         os.kill(router.pid, signal.SIGHUP)
         router.waitLog(r"reload: still running with the previous configuration: .*line 2")
-        self.assertEqual(self.get(UID_A, router=router)["status"], 429)
+        self.assertEqual(parseResponse(self.exchange(UID_A, router, request))[0], 429)
         self.assertServedBy(self.get(UID_B, router=router), UID_B, router)
         samples = self.scrape()
         self.assertEqual(one(samples, "docker_router_reloads_total", result="ok"), 1)
