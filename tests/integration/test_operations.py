@@ -3,9 +3,11 @@ Issue 10, operating the router: its metrics checked against what really
 happened, the refusal log under a flood, the status command, and reload.
 """
 
+import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,3 +308,36 @@ class ReloadTests(MetricsTestCase):
         live.waitEvent("progress", 20, len(live.events))
         self.assertEqual(live.count("failed"), 0, live.events[-3:])
         self.assertIsNone(router.process.poll(), router.evidence())
+
+
+class MetricsSocketTests(IntegrationTestCase):
+    def test_scrapedOverTcpFromASocketSystemdHandsOver(self):
+        """
+        As with etc/docker-router-metrics.socket: systemd listens on
+        127.0.0.1 and hands the socket over with the Docker one; the router
+        takes each by its name, and Prometheus scrapes over TCP.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            self.skipTest("no systemd-socket-activate")
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        path = self.harness.listenPath
+        router = self.harness.startRouter(
+            wrapper=[activate, "-l", path, "-l", "127.0.0.1:%d" % (port,),
+                     "--fdname=docker-router.socket:metrics"],
+            listen="systemd:domain=UNIX:name=docker-router.socket",
+            args=["--metrics", "systemd:domain=INET:name=metrics", "--control", ""],
+        )
+        os.chmod(path, 0o666)
+        self.harness.startBackend(UID_A, "http")
+        self.assertServedBy(self.get(UID_A), UID_A, router)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        body = response.read().decode("utf-8")
+        connection.close()
+        self.assertEqual(response.status, 200, body[:300])
+        self.assertIn('docker_router_connections_total{result="relayed"} 1.0', body)
