@@ -5,7 +5,6 @@ Nothing else in the package knows about argv.
 """
 
 import os
-import signal
 import sys
 from typing import Optional
 
@@ -251,27 +250,6 @@ class _ListeningService(StreamServerEndpointService):
         return super().stopService()
 
 
-class _HangUpService(Service):
-    """
-    Interim, until the systemd issue's reload service is merged: SIGHUP
-    runs the reloaders in the reactor thread, and logs one line.
-    """
-
-    log = RouterLogger()
-
-    def __init__(self, reactor, reloaders) -> None:
-        self._reactor = reactor
-        self.reloaders = reloaders
-
-    def startService(self) -> None:
-        super().startService()
-        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
-
-    def reload(self) -> None:
-        done = "; ".join(reloader() for reloader in self.reloaders)
-        self.log.info("reloaded on SIGHUP: {done}", done=done)
-
-
 class _DrainService(Service):
     """
     On shutdown, lets live relays finish for a while, then cuts the rest.
@@ -327,7 +305,6 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
     top = MultiService()
     top.reload = reload
     FileLogsService().setServiceParent(top)
-    _HangUpService(reactor, [reload]).setServiceParent(top)
     _DrainService(factory).setServiceParent(top)
     for description in options["listen"]:
         _ListeningService(description, reactor, factory).setServiceParent(top)
