@@ -42,6 +42,8 @@ class Settings:
     shutdownTimeout: float = 10.0
     # Users with per-user metrics series (the most recently active); 0: none.
     usersKept: int = 0
+    # The resolver's subordinate uid ranges (re-read on SIGHUP), if routed.
+    subordinates: Optional[SubordinateIds] = None
 
 
 class FileOptions(usage.Options):
@@ -110,6 +112,7 @@ def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], N
         maxConnectionsPerUser=options["max-connections-per-user"],
         shutdownTimeout=options["shutdown-timeout"],
         usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
+        subordinates=subordinates,
     )
 
 

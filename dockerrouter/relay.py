@@ -25,6 +25,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dockerrouter._compat import dropTransport
 from dockerrouter.backends import (
     Backend,
     BackendResolver,
@@ -130,6 +131,7 @@ class ServerProtocol(Protocol):
             daemon,
             self._relayEnded,
         )
+        dropTransport(self.transport)
         self.transport = None
         self._splicer.start()
         self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom)
@@ -237,6 +239,10 @@ class RouterFactory(Factory):
     def stopFactory(self) -> None:
         self.pipes.close()
         self.rejections.stop()
+
+    def userCount(self) -> int:
+        """How many users hold live connections."""
+        return len(self._perUser)
 
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""

@@ -10,6 +10,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter import config
+from dockerrouter.reload import ReloadService
 from dockerrouter.tap import Options, makeService
 
 
@@ -80,7 +81,8 @@ class ReloadTests(SynchronousTestCase):
             ["--config", self.path.path, "--listen", "unix:x.sock", "--control", "", "--connect-timeout", "3"]
         )
         self.service = makeService(options, reactor=MemoryReactorClock())
-        self.reload = self.service.reload
+        [reloads] = [s for s in self.service if isinstance(s, ReloadService)]
+        [self.reload] = [r for r in reloads.reloaders if isinstance(r, config.Reloader)]
         self.factory = self.reload.factory
 
     def test_newSettingsWhole(self) -> None:
