@@ -17,7 +17,9 @@ from typing import Any, Optional
 DEFAULT_CONTROL = "unix:/run/docker-router/control.sock"
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a server on a Unix socket."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -36,7 +38,7 @@ def socketPath(endpoint: str) -> str:
 
 
 def fetchStatus(endpoint: str, timeout: float = 10.0) -> dict[str, Any]:
-    connection = _UnixConnection(socketPath(endpoint), timeout)
+    connection = UnixHTTPConnection(socketPath(endpoint), timeout)
     try:
         connection.request("GET", "/status")
         response = connection.getresponse()

@@ -15,6 +15,8 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dockerrouter.cli import UnixHTTPConnection
+
 from tests.integration.harness import (
     UID_A,
     UID_B,
@@ -34,22 +36,15 @@ def scrape(path):
     C{GET /metrics} from the router's metrics socket: a dict of
     C{(name, frozenset(labels.items()))} to value.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
+    connection = UnixHTTPConnection(path, 10)
     try:
-        sock.connect(path)
-        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        raw = b""
-        while True:
-            more = sock.recv(65536)
-            if not more:
-                break
-            raw += more
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        body = response.read()
     finally:
-        sock.close()
-    status, headers, body = parseResponse(raw)
-    assert status == 200, raw[:300]
-    assert headers["content-type"].startswith("text/plain"), headers
+        connection.close()
+    assert response.status == 200, body[:300]
+    assert response.getheader("content-type").startswith("text/plain"), response.getheaders()
     samples = {}
     for family in text_string_to_metric_families(body.decode("utf-8")):
         for sample in family.samples:
