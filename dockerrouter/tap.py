@@ -26,6 +26,7 @@ from dockerrouter._compat import (
     guardStop,
     listeningPort,
     lockHolder,
+    raiseListenErrors,
 )
 from dockerrouter.backends import DEFAULT_TEMPLATE
 from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
@@ -283,11 +284,11 @@ class _ListeningService(StreamServerEndpointService):
     L{guardStop}).
     """
 
-    _raiseSynchronously = True
     log = RouterLogger()
 
     def __init__(self, description: str, endpoint, reactor, factory: RouterFactory) -> None:
         super().__init__(endpoint, factory)
+        raiseListenErrors(self)
         self.description = description
         self._reactor = reactor
 
