@@ -17,9 +17,7 @@ from typing import Any, Optional
 DEFAULT_CONTROL = "unix:/run/docker-router/control.sock"
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP to a server on a Unix socket."""
-
+class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -37,14 +35,19 @@ def socketPath(endpoint: str) -> str:
     return endpoint[len("unix:") :].split(":", 1)[0]
 
 
-def fetchStatus(endpoint: str, timeout: float = 10.0) -> dict[str, Any]:
-    connection = UnixHTTPConnection(socketPath(endpoint), timeout)
+def getUnix(path: str, url: str, timeout: float = 10.0) -> tuple[http.client.HTTPResponse, bytes]:
+    """C{GET url} from a server on the Unix socket at C{path}: the response and its body."""
+    connection = _UnixHTTPConnection(path, timeout)
     try:
-        connection.request("GET", "/status")
+        connection.request("GET", url)
         response = connection.getresponse()
-        body = response.read()
+        return response, response.read()
     finally:
         connection.close()
+
+
+def fetchStatus(endpoint: str, timeout: float = 10.0) -> dict[str, Any]:
+    response, body = getUnix(socketPath(endpoint), "/status", timeout)
     if response.status != 200:
         raise RuntimeError(json.loads(body).get("message", body.decode("utf-8", "replace")))
     return json.loads(body)

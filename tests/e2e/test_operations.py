@@ -35,14 +35,9 @@ def status(router) -> dict:
 
 
 def activeConnections(router) -> float:
-    from dockerrouter.cli import UnixHTTPConnection
+    from dockerrouter.cli import getUnix
 
-    connection = UnixHTTPConnection(router.metricsPath, 10)
-    try:
-        connection.request("GET", "/metrics")
-        body = connection.getresponse().read().decode()
-    finally:
-        connection.close()
+    body = getUnix(router.metricsPath, "/metrics")[1].decode()
     [line] = [l for l in body.splitlines() if l.startswith("docker_router_connections_active ")]
     return float(line.split()[1])
 

@@ -15,7 +15,7 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dockerrouter.cli import UnixHTTPConnection
+from dockerrouter.cli import getUnix
 
 from tests.integration.harness import (
     UID_A,
@@ -36,13 +36,7 @@ def scrape(path):
     C{GET /metrics} from the router's metrics socket: a dict of
     C{(name, frozenset(labels.items()))} to value.
     """
-    connection = UnixHTTPConnection(path, 10)
-    try:
-        connection.request("GET", "/metrics")
-        response = connection.getresponse()
-        body = response.read()
-    finally:
-        connection.close()
+    response, body = getUnix(path, "/metrics")
     assert response.status == 200, body[:300]
     assert response.getheader("content-type").startswith("text/plain"), response.getheaders()
     samples = {}
