@@ -33,7 +33,7 @@ from benchmarks.harness import (
 )
 from benchmarks.scenarios import FULL, GROUPS, QUICK, SCENARIOS, Context
 
-DEFAULT_RELAYS = ["direct", "proxyd", "socat", "portforward", "router"]
+DEFAULT_RELAYS = ["direct", "proxyd", "socat", "portforward", "router", "router-metrics"]
 
 
 def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -161,8 +161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     notes: list[str] = []
     unavailable = {}
+    routerWhy = probeRouter(settings, notes) if any(r.startswith("router") for r in relays) else None
     for name in relays:
-        why = probeRouter(settings, notes) if name == "router" else RELAYS[name].available(settings)
+        why = routerWhy if name.startswith("router") else RELAYS[name].available(settings)
         if why:
             unavailable[name] = why
             notes.append(f"- {name} not measured: {why}")

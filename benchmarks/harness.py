@@ -377,6 +377,16 @@ class Settings:
     routerArgs: list[str] = field(default_factory=list)  # extra options for the router
 
 
+def _routerCommand(s: Settings, path: str, b: "Backend", *extra: str) -> list[str]:
+    return [
+        # "-": into the run's log file; twistd rotates a named log file at
+        # 1 MB, which for /dev/null would rename the device away.
+        s.twistd, "-n", "--pidfile=", "--logfile=-", "docker-router",
+        "--listen", f"unix:{path}:mode=666:lockfile=1", "--user-socket", b.template,
+        *extra, *s.routerArgs,
+    ]
+
+
 def _which(path: str) -> Optional[str]:
     return None if os.access(path, os.X_OK) else f"{path} not found"
 
@@ -416,13 +426,13 @@ RELAYS: dict[str, RelayKind] = {
     "router": RelayKind(
         "router",
         "docker-router under twistd",
-        lambda s, path, b: [
-            # "-": into the run's log file; twistd rotates a named log file at
-            # 1 MB, which for /dev/null would rename the device away.
-            s.twistd, "-n", "--pidfile=", "--logfile=-", "docker-router",
-            "--listen", f"unix:{path}:mode=666:lockfile=1", "--user-socket", b.template,
-            *s.routerArgs,
-        ],
+        lambda s, path, b: _routerCommand(s, path, b),
+        lambda s: _which(s.twistd),
+    ),
+    "router-metrics": RelayKind(
+        "router-metrics",
+        "docker-router under twistd, serving metrics (the cost of metrics: compare with router)",
+        lambda s, path, b: _routerCommand(s, path, b, "--metrics", f"unix:{path}.metrics:mode=600"),
         lambda s: _which(s.twistd),
     ),
 }

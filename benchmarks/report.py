@@ -157,6 +157,23 @@ def targets(results: Results, sizes: Sizes) -> list[str]:
         judge(f"{sc} relay CPU <= 80 µs/req", _m(results, sc, "router", "cpuPerReq"), 80.0, "<=", " µs")
     for sc in ("connrate-1", "connrate-32"):
         judge(f"{sc} conn/s >= 0.8x proxyd", _m(results, sc, "router", "connps"), rel(sc, "connps", 0.8), ">=")
+    # Issue 10: with metrics on, the router's CPU per connection at most 0.7x
+    # the naive portforward relay's, and what metrics cost.
+    portforward = _m(results, "connrate-1", "portforward", "cpuPerConn")
+    withMetrics = _m(results, "connrate-1", "router-metrics", "cpuPerConn")
+    judge(
+        "connrate-1 relay CPU/conn with metrics <= 0.7x portforward",
+        withMetrics,
+        None if portforward is None else 0.7 * portforward,
+        "<=",
+        " µs",
+    )
+    without = _m(results, "connrate-1", "router", "cpuPerConn")
+    if withMetrics is not None and without is not None:
+        lines.append(
+            f"- connrate-1 cost of metrics: {withMetrics:.0f} µs/conn on, {without:.0f} off "
+            f"({withMetrics - without:+.0f} µs)"
+        )
     runs = results.get("concurrency", {}).get("router")
     if runs:
         good = [r for r in runs if "error" not in r and r["answered"] == sizes.concurrentConns]

@@ -341,10 +341,6 @@ class BackendUnusable(Exception):
         """The message with the router's own advice."""
         return Advice().render(self)
 
-    def forTheLog(self) -> "BackendUnusable":
-        """The reason as the operator reads it."""
-        return self
-
     def __str__(self) -> str:
         return self.message
 
@@ -445,7 +441,7 @@ class Concealed(BackendUnusable):
     """
     What the client reads about a path that leads where they can't look:
     one sentence whatever is there, so that the router's answer can't tell
-    them what root sees.  The operator's log keeps the real reason.
+    them what root sees.  The operator's log keeps the real cause.
     """
 
     status = 502
@@ -460,9 +456,6 @@ class Concealed(BackendUnusable):
         super().__init__(reason.backend)
         self.reason = reason
         self.cause = reason.cause  # type: ignore[misc]
-
-    def forTheLog(self) -> BackendUnusable:
-        return self.reason
 
 
 class TooManyForUser(BackendUnusable):

@@ -14,6 +14,7 @@ knows neither paths nor users.
 
 import os
 import socket
+from collections import OrderedDict
 from typing import Any, Optional, Set
 
 from twisted.internet import error
@@ -37,9 +38,10 @@ from dockerrouter.backends import (
     forTheUser,
     verifyDaemon,
 )
+from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.errors import ErrorResponder
-from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
+from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
 from dockerrouter.visibility import Viewer, look
 
@@ -111,13 +113,16 @@ class ServerProtocol(Protocol):
         self.transport.pauseProducing()
         self.startedAt = self.factory.reactor.seconds()
         self.client = peerCredentials(self.transport.getHandle())
-        self.backend = self.factory.resolver.resolve(self.client, self.transport.getHandle())
+        # Read once: a reload gives later connections other settings.
+        self.settings = self.factory.settings
+        self.backend = self.settings.resolver.resolve(self.client, self.transport.getHandle())
         try:
             self.factory.admit(self)
         except BackendUnusable as reason:
             self._reject(reason)
             return
-        self._connectBy = self.startedAt + self.factory.connectTimeout
+        self._connectBy = self.startedAt + self.settings.connectTimeout
+        self._connectFrom = self.factory.reactor.seconds()
         self._connect()
 
     def _connect(self) -> None:
@@ -141,7 +146,7 @@ class ServerProtocol(Protocol):
             if self.factory.reactor.seconds() < self._connectBy:
                 self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
             else:
-                self._reject(ConnectTimeout(self.backend, f"{self.factory.connectTimeout:g}"))
+                self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
         except OSError as e:
             self._reject(explainConnectFailure(self.backend, e))
@@ -164,23 +169,14 @@ class ServerProtocol(Protocol):
         dropTransport(self.transport)
         self.transport = None
         self._splicer.start()
+        self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom)
 
     def _reject(self, reason: BackendUnusable) -> None:
         if reason.aboutThePath:
             reason = forTheUser(reason, self._target, look(self.backend.path, self._viewer()))
-        advice = self.factory.resolver.advice
+        advice = self.settings.resolver.advice
         self._endAs("rejected:" + reason.cause)
-        emitFormatted(
-            self.log,
-            LogLevel.warn,
-            REJECTED,
-            uid=self.client.uid,
-            user=self.backend.user,
-            pid=self.client.pid,
-            backend=self.backend.path,
-            cause=reason.cause,
-            message=advice.render(reason.forTheLog()),
-        )
+        self.factory.rejected(self, reason.cause)
         self._responder = ErrorResponder(
             self.factory.reactor,
             self.transport,
@@ -244,11 +240,18 @@ class ServerProtocol(Protocol):
             self.ended = why
 
     def _record(self) -> None:
-        """The one record of a finished connection."""
+        """
+        The one record of a finished connection (a refused one has had its
+        line, from L{RouterFactory.rejected}).
+        """
         if self._recorded:
             return
         self._recorded = True
         splicer = self._splicer
+        if self._responder is not None:
+            self.factory.release(self)
+            return
+        duration = self.factory.reactor.seconds() - self.startedAt
         emitFormatted(
             self.log,
             LogLevel.info,
@@ -257,12 +260,17 @@ class ServerProtocol(Protocol):
             user=self.backend.user,
             pid=self.client.pid,
             backend=self.backend.path,
-            duration=self.factory.reactor.seconds() - self.startedAt,
+            duration=duration,
             bytesToDocker=splicer.toDocker if splicer else 0,
             bytesFromDocker=splicer.fromDocker if splicer else 0,
             end=self.ended or "closed",
         )
-        self.factory.release(self)
+        self.factory.release(self, duration)
+
+    def bytesMoved(self) -> tuple[int, int]:
+        """Bytes to and from Docker so far."""
+        splicer = self._splicer
+        return (splicer.toDocker, splicer.fromDocker) if splicer else (0, 0)
 
 
 class RouterFactory(Factory):
@@ -283,6 +291,7 @@ class RouterFactory(Factory):
 
     def stopFactory(self) -> None:
         self.pipes.close()
+        self.rejections.stop()
 
     def userCount(self) -> int:
         """How many users hold live connections."""
@@ -301,14 +310,36 @@ class RouterFactory(Factory):
         maxConnectionsPerUser: Optional[int] = None,
     ) -> None:
         self.reactor = reactor
-        self.resolver = resolver
-        self.connectTimeout = connectTimeout
-        self.maxConnections = maxConnections
-        self.maxConnectionsPerUser = maxConnectionsPerUser
+        self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
         self.pipes = PipePool()
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
+        self.rejections = RejectionLog(reactor, ServerProtocol.log)
+        # What metrics and status read (at scrape time, not per chunk).
+        # How connections were answered: "relayed", or a rejection's cause.
+        self.results: dict[str, int] = {"relayed": 0}
+        # Bytes to and from Docker of the relays that have ended.
+        self.endedBytes = [0, 0]
+        # Per user, when asked (settings.usersKept): uid -> [name, bytes to,
+        # bytes from of ended relays], the most recently active last.
+        self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
+        # Histograms (with an observe method) that metrics may set.
+        self.durations = None
+        self.connectTimes = None
+
+    def relayed(self, connectSeconds: float) -> None:
+        """A connection is relayed: count it."""
+        self.results["relayed"] += 1
+        if self.connectTimes is not None:
+            self.connectTimes.observe(connectSeconds)
+
+    def rejected(self, relay: ServerProtocol, cause: str) -> None:
+        """A connection is refused: count it, and log it (coalesced)."""
+        self.results[cause] = self.results.get(cause, 0) + 1
+        self.rejections.rejected(
+            relay.client.uid, relay.backend.user, relay.client.pid, relay.backend.path, cause
+        )
 
     def admit(self, relay: ServerProtocol) -> None:
         """
@@ -321,18 +352,47 @@ class RouterFactory(Factory):
         """
         uid = relay.backend.uid
         held = self._perUser.get(uid, 0)
-        if self.maxConnections is not None and len(self.relays) >= self.maxConnections:
-            raise TooManyInTotal(relay.backend, str(self.maxConnections))
-        if self.maxConnectionsPerUser is not None and held >= self.maxConnectionsPerUser:
-            raise TooManyForUser(relay.backend, str(self.maxConnectionsPerUser))
+        settings = relay.settings
+        if settings.maxConnections is not None and len(self.relays) >= settings.maxConnections:
+            raise TooManyInTotal(relay.backend, str(settings.maxConnections))
+        if settings.maxConnectionsPerUser is not None and held >= settings.maxConnectionsPerUser:
+            raise TooManyForUser(relay.backend, str(settings.maxConnectionsPerUser))
         self.relays.add(relay)
         self._perUser[uid] = held + 1
+        if settings.usersKept:
+            self._recentUser(relay.backend)
 
-    def release(self, relay: ServerProtocol) -> None:
+    def _recentUser(self, backend: Backend) -> list:
+        kept = self.recentUsers.get(backend.uid)
+        if kept is None:
+            kept = self.recentUsers[backend.uid] = [backend.user, 0, 0]
+            while len(self.recentUsers) > self.settings.usersKept:
+                self.recentUsers.popitem(last=False)
+        else:
+            self.recentUsers.move_to_end(backend.uid)
+        return kept
+
+    def usersActive(self) -> int:
+        return len(self._perUser)
+
+    def userConnections(self, uid: int) -> int:
+        return self._perUser.get(uid, 0)
+
+    def release(self, relay: ServerProtocol, duration: Optional[float] = None) -> None:
         """A connection has ended: uncount it, and tell a waiting drain."""
         if relay not in self.relays:
             return
         self.relays.remove(relay)
+        if duration is not None:
+            toDocker, fromDocker = relay.bytesMoved()
+            self.endedBytes[0] += toDocker
+            self.endedBytes[1] += fromDocker
+            if self.settings.usersKept:
+                kept = self._recentUser(relay.backend)
+                kept[1] += toDocker
+                kept[2] += fromDocker
+            if self.durations is not None:
+                self.durations.observe(duration)
         uid = relay.backend.uid
         self._perUser[uid] -= 1
         if not self._perUser[uid]:

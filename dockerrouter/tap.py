@@ -30,20 +30,17 @@ from dockerrouter._compat import (
     lockHolder,
     raiseListenErrors,
 )
-from dockerrouter.backends import (
-    DEFAULT_TEMPLATE,
-    Advice,
-    BackendResolver,
-    RecentNames,
-    SubordinateIds,
-    findSetupTool,
-    loginDefsUidMin,
-)
-from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
-from dockerrouter.logging import RouterLogger
+from dockerrouter.backends import DEFAULT_TEMPLATE
+from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
+from dockerrouter.config import FileOptions, Reloader, settingsFrom
+from dockerrouter.control import DEFAULT_CONTROL, controlSite
+from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
+from dockerrouter.logging import FileLogsService, RouterLogger
+from dockerrouter.metrics import RouterMetrics
 from dockerrouter.notify import Notifier, NotifyService
 from dockerrouter.relay import RouterFactory
 from dockerrouter.reload import ReloadService
+from dockerrouter.web import OptionalListener, checkEndpoint
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
 
@@ -73,7 +70,7 @@ def withBacklog(description: str) -> str:
     return description
 
 
-class Options(usage.Options):
+class Options(FileOptions):
     synopsis = "[options]"
     longdesc = (
         "Listen on the Docker socket path and relay each client to its own "
@@ -132,14 +129,38 @@ class Options(usage.Options):
             "Site text or a URL for users whose daemon can't be used: replaces "
             "the router's own advice, or extends it where it says {advice}.",
         ],
+        [
+            "config",
+            None,
+            None,
+            "Configuration file (TOML, one key per long option; the command "
+            "line wins), re-read on SIGHUP. [default: " + DEFAULT_CONFIG + " if it exists]",
+        ],
+        [
+            "control",
+            None,
+            DEFAULT_CONTROL,
+            "Twisted server endpoint string of the read-only control endpoint "
+            "that `docker-router status` reads (root only); empty for none.",
+        ],
+        [
+            "metrics-users",
+            None,
+            100,
+            "With --metrics-per-user: how many users, the most recently active, "
+            "have series of their own.",
+            _count,
+        ],
     ]
     optFlags = [
         ["no-subuid", None, "Route subordinate uids by their own number."],
+        ["metrics-per-user", None, "Add per-user series to the metrics."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics"] = []
 
     def opt_version(self) -> None:
         """
@@ -155,7 +176,19 @@ class Options(usage.Options):
         """
         self["listen"].append(description)
 
+    def opt_metrics(self, description: str) -> None:
+        """
+        Twisted server endpoint string to serve Prometheus metrics on, at
+        /metrics (repeatable). [default: none]
+        """
+        self["metrics"].append(description)
+
     def postOptions(self) -> None:
+        self.readConfigFile()
+        for description in self["metrics"]:
+            checkEndpoint(description, "metrics")
+        if self["control"]:
+            checkEndpoint(self["control"], "control")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         _checkTemplate(self["user-socket"])
@@ -316,21 +349,21 @@ class _DrainService(Service):
 
     log = RouterLogger()
 
-    def __init__(self, factory: RouterFactory, timeout: float) -> None:
+    def __init__(self, factory: RouterFactory) -> None:
         self.factory = factory
-        self.timeout = timeout
 
     def stopService(self) -> Any:
         super().stopService()
         live = len(self.factory.relays)
+        timeout = self.factory.settings.shutdownTimeout
         if live:
             self.log.info(
                 "shutting down: letting {live} live connections finish "
                 "for up to {timeout}s",
                 live=live,
-                timeout=self.timeout,
+                timeout=timeout,
             )
-        return self.factory.drain(self.timeout).addCallback(self._summarize)
+        return self.factory.drain(timeout).addCallback(self._summarize)
 
     def _summarize(self, counts: tuple) -> None:
         finished, aborted = counts
@@ -354,34 +387,35 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         limit=limit,
         before=before,
     )
-    # What SIGHUP re-reads: each returns a few words for its log line.
-    reloaders = []
-    subordinates = None
-    if not options["no-subuid"]:
-        subordinates = SubordinateIds(
-            options["subuid-file"],
-            warn=lambda text: log.warn("{message}", message=text),
-            clock=reactor.seconds,
-            uidMin=loginDefsUidMin(),
-        )
-        reloaders.append(subordinates.reload)
-    factory = RouterFactory(
-        reactor,
-        BackendResolver(
-            options["user-socket"],
-            lookupName=RecentNames(reactor.seconds),
-            subordinates=subordinates,
-            advice=Advice(findSetupTool(), options["advice"]),
-        ),
-        connectTimeout=options["connect-timeout"],
-        maxConnections=options["max-connections"] or connectionsFor(limit),
-        maxConnectionsPerUser=options["max-connections-per-user"],
-    )
+
+    def settingsFor(options: Options):
+        return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
+
+    settings = settingsFor(options)
+    factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
+    factory.settings = settings
+
+    def reloadSubordinates() -> str:
+        subordinates = factory.settings.subordinates
+        return subordinates.reload() if subordinates is not None else "no subordinate uid ranges"
+
+    # What SIGHUP re-reads: each returns a few words for its log line.  (New
+    # settings from the file read their subordinate uid file afresh.)
+    reload = Reloader(options, factory, settingsFor, log)
+    reloaders = [reloadSubordinates, reload]
     notifier = Notifier()
     top = MultiService()
-    _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
+    FileLogsService().setServiceParent(top)
+    _DrainService(factory).setServiceParent(top)
     for description, endpoint in endpoints:
         _ListeningService(description, endpoint, reactor, factory).setServiceParent(top)
+    if options["metrics"]:
+        site = RouterMetrics(factory, reload.counts).site()
+        for description in options["metrics"]:
+            OptionalListener(description, reactor, site, "metrics").setServiceParent(top)
+    if options["control"]:
+        control = controlSite(factory)
+        OptionalListener(options["control"], reactor, control, "the control endpoint").setServiceParent(top)
     # After the listeners: stopped first, so STOPPING=1 precedes the drain.
     NotifyService(reactor, factory, notifier).setServiceParent(top)
     ReloadService(reactor, reloaders, notifier).setServiceParent(top)

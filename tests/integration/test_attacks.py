@@ -83,7 +83,7 @@ class SymlinkAttackTests(IntegrationTestCase):
         self.assertEqual(rootBackend.receivedBytes(), 0)
         # The router may see its own peer for what it is (a loop) or just as
         # a daemon running as root; either way it refuses.
-        router.waitLog(r"rejected uid=%d .*cause=(wrong-owner|loop): " % (UID_A,))
+        router.waitLog(r"rejected uid=%d .*cause=(wrong-owner|loop)$" % (UID_A,))
 
     def test_rootObeysTheSameRule(self):
         """

@@ -69,7 +69,7 @@ class ErrorResponseTests(IntegrationTestCase):
         self.assertEqual(headers.get("connection", "").lower(), "close")
         self.assertEqual(body, b"", "HEAD answered with a body")
 
-        router.waitLog(r"rejected uid=%d .*cause=%s: " % (uid, cause))
+        router.waitLog(r"rejected uid=%d .*cause=%s$" % (uid, cause))
         return messages["GET"]
 
     def test_missing(self):
@@ -169,7 +169,7 @@ class ErrorResponseTests(IntegrationTestCase):
         reply = agent.call("http", path=self.router.listenPath, method="GET", url="/_ping")
         self.assertCleanHttpError(reply, UID_A, self.harness.backendPath(UID_A))
         self.assertLess(reply["elapsed"], 4, reply)
-        self.router.waitLog(r"rejected uid=%d .*cause=timeout: " % (UID_A,))
+        self.router.waitLog(r"rejected uid=%d .*cause=timeout$" % (UID_A,))
 
     def test_permissionDenied(self):
         """

@@ -32,7 +32,7 @@ from tests.integration.harness import (
 )
 
 REQUEST = lineRequest()
-TOO_MANY = r"rejected uid=%d .*cause=too-many: "
+TOO_MANY = r"rejected uid=%d .*cause=too-many$"
 EMFILE_WARNING = "out of file descriptors"
 
 

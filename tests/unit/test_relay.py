@@ -111,6 +111,26 @@ class RelayTests(SynchronousTestCase):
         [warning] = [e for e in events if e["log_level"].name == "warn"]
         self.assertEqual((warning["cause"], warning["uid"]), ("wrong-owner", 1000))
 
+    def test_aRefusalWritesOneLine(self) -> None:
+        """
+        A refused connection is logged once, as a warning naming the cause
+        and the path; the sentence meant for the user goes to the client
+        only.  It is counted by its cause.
+        """
+        self.connectError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        with capturedLogs() as events:
+            server, clientTransport = self.connectClient()
+            server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+            server.readConnectionLost()
+            server.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(
+            [(e["log_level"].name, e["text"]) for e in events],
+            [("warn", "rejected uid=1000 user=alice pid=4242 backend=/run/user/1000/docker.sock cause=missing")],
+        )
+        self.assertIn(b"No Docker daemon is running", clientTransport.value())
+        self.assertEqual(self.factory.results, {"relayed": 0, "missing": 1})
+        self.assertEqual(self.factory.relays, set())
+
     def test_routerLoop(self) -> None:
         self.daemon = Credentials(pid=ROUTER_PID, uid=1000, gid=0)
         server, clientTransport = self.connectClient()

@@ -156,7 +156,9 @@ class ServiceTests(SynchronousTestCase):
     def test_listensOnEachEndpointWithBacklog(self) -> None:
         reactor = _ListeningReactor()
         path, other = self.mktemp(), self.mktemp()
-        options = parse("--listen", f"unix:{path}:mode=666", "--listen", f"unix:{other}:backlog=7")
+        options = parse(
+            "--listen", f"unix:{path}:mode=666", "--listen", f"unix:{other}:backlog=7", "--control", ""
+        )
         service = makeService(options, reactor=reactor)
         service.privilegedStartService()
         service.startService()
@@ -229,13 +231,13 @@ class AdviceOptionTests(SynchronousTestCase):
         Issue 8.7: C{--advice} reaches every message's advice, and the setup
         tool is looked for once, at start.
         """
-        from dockerrouter import tap
+        from dockerrouter import config
 
         looked: list[int] = []
-        self.patch(tap, "findSetupTool", lambda: looked.append(1) or "/opt/x/setup.sh")
+        self.patch(config, "findSetupTool", lambda: looked.append(1) or "/opt/x/setup.sh")
         options = parse("--listen", f"unix:{self.mktemp()}", "--advice", "{advice}; see https://wiki.example/docker")
         service = makeService(options, reactor=MemoryReactorClock())
         [factory] = {s.factory for s in service if hasattr(s, "factory")}
-        advice = factory.resolver.advice
+        advice = factory.settings.resolver.advice
         self.assertEqual((advice.setupTool, advice.site), ("/opt/x/setup.sh", "{advice}; see https://wiki.example/docker"))
         self.assertEqual(looked, [1])

@@ -1,0 +1,243 @@
+"""
+The configuration file, and reloading it.
+
+The file is TOML with one top-level key per long command-line option
+(C{max-connections-per-user = 50}; a list for a repeatable one, C{metrics =
+["unix:..."]}; C{true} for a flag).  What the command line gives wins over
+the file.  What the factory needs for a new connection is one L{Settings},
+replaced whole on reload: nothing changes under a live relay, and a reload
+can't be half applied.
+"""
+
+import os
+import re
+import tomllib
+from typing import Any, Callable, Optional
+
+from attrs import frozen
+from twisted.python import usage
+
+from dockerrouter.backends import (
+    Advice,
+    BackendResolver,
+    RecentNames,
+    SubordinateIds,
+    findSetupTool,
+    loginDefsUidMin,
+)
+from dockerrouter.limits import connectionsFor
+
+DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
+
+# Options that take a restart: what the router listens on.
+RESTART_ONLY = ("listen", "metrics", "control")
+REPEATABLE = ("listen", "metrics")
+
+
+class ConfigError(Exception):
+    """The file can't be read, does not parse, or says something invalid."""
+
+
+@frozen
+class Settings:
+    """What a new connection is handled with (and the drain's timeout)."""
+
+    resolver: BackendResolver
+    connectTimeout: float
+    maxConnections: Optional[int] = None
+    maxConnectionsPerUser: Optional[int] = None
+    shutdownTimeout: float = 10.0
+    # Users with per-user metrics series (the most recently active); 0: none.
+    usersKept: int = 0
+    # The resolver's subordinate uid ranges (re-read on SIGHUP), if routed.
+    subordinates: Optional[SubordinateIds] = None
+
+
+class FileOptions(usage.Options):
+    """
+    Command-line options that a configuration file can also give: it
+    remembers which options the command line gave (they win), and
+    L{readConfigFile} fills in the rest from the file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: set[str] = set()
+        self.commandLine: dict[str, Any] = {}
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(name, handler)
+
+    def _recording(self, name: str, handler):
+        def dispatch(option, value):
+            self.given.add(name)
+            if isinstance(handler, usage.CoerceParameter):
+                handler.dispatch(option, value)
+            else:
+                handler(option, value)
+
+        return dispatch
+
+    def readConfigFile(self) -> None:
+        """
+        Call first in C{postOptions}: set what the file says and the command
+        line did not.
+
+        @raise usage.UsageError: naming the file and the line.
+        """
+        self.commandLine = {
+            name: list(self[name]) if name in REPEATABLE else self[name] for name in self.given
+        }
+        path = configPath(self["config"])
+        if path is not None:
+            try:
+                applyFile(self, path)
+            except ConfigError as e:
+                raise usage.UsageError(str(e))
+
+    def fromCommandLine(self) -> "FileOptions":
+        """New options with what the command line gave, and no file read yet."""
+        fresh = type(self)()
+        fresh.given = set(self.given)
+        for name, value in self.commandLine.items():
+            fresh[name] = list(value) if isinstance(value, list) else value
+        return fresh
+
+
+def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], None]) -> Settings:
+    """The L{Settings} that C{options} give."""
+    subordinates = None
+    if not options["no-subuid"]:
+        subordinates = SubordinateIds(
+            options["subuid-file"], warn=warn, clock=reactor.seconds, uidMin=loginDefsUidMin()
+        )
+    return Settings(
+        resolver=BackendResolver(
+            options["user-socket"],
+            lookupName=RecentNames(reactor.seconds),
+            subordinates=subordinates,
+            advice=Advice(findSetupTool(), options["advice"]),
+        ),
+        connectTimeout=options["connect-timeout"],
+        maxConnections=options["max-connections"] or connectionsFor(descriptorLimit),
+        maxConnectionsPerUser=options["max-connections-per-user"],
+        shutdownTimeout=options["shutdown-timeout"],
+        usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
+        subordinates=subordinates,
+    )
+
+
+def configPath(given: Optional[str]) -> Optional[str]:
+    """The file to read: the one given, or the default one if it exists."""
+    if given:
+        return given
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
+def readFile(path: str) -> tuple[dict[str, Any], str]:
+    """
+    The file's keys and values, and its text.
+
+    @raise ConfigError: with the line, for a file that does not parse.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}")
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}")
+
+
+def applyFile(options, path: str) -> None:
+    """
+    Set in C{options} what the file at C{path} says, except what the
+    command line gave (C{options.given}).
+
+    @raise ConfigError: naming the file and the line.
+    """
+    values, text = readFile(path)
+    coercions = {row[0]: row[4] if len(row) > 4 else None for row in options.optParameters}
+    flags = {row[0] for row in options.optFlags}
+    for key, value in values.items():
+        where = f"{path}, line {_lineOf(text, key)}"
+        if key in REPEATABLE:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+        elif key in flags:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key} must be true or false")
+        elif key in coercions and key != "config":
+            coerce = coercions[key]
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ConfigError(f"{where}: {key} must be a single value")
+            if coerce is None and not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string")
+            try:
+                value = coerce(str(value)) if coerce else value
+            except ValueError as e:
+                raise ConfigError(f"{where}: {key}: {e}")
+        else:
+            raise ConfigError(f"{where}: unknown option {key!r}")
+        if key not in options.given:
+            options[key] = value
+
+
+def _lineOf(text: str, key: str) -> int:
+    """The line where a top-level key is set (for messages)."""
+    match = re.search(r"^[ \t]*[\"']?%s[\"']?[ \t]*=" % (re.escape(key),), text, re.MULTILINE)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
+
+
+class Reloader:
+    """
+    Re-reads the configuration file and gives the factory new settings.
+
+    New values apply to new connections only; a change that needs a restart
+    is refused with a warning, and a file that is wrong changes nothing.
+    """
+
+    def __init__(
+        self,
+        options,
+        factory,
+        build: Callable[[Any], Settings],
+        log,
+    ) -> None:
+        self.options = options
+        self.factory = factory
+        self.build = build
+        self.log = log
+        self.counts = {"ok": 0, "error": 0}
+
+    def __call__(self) -> str:
+        """Reload; a few words for the reload's log line."""
+        fresh = self.options.fromCommandLine()
+        path = configPath(fresh["config"])
+        if path is None:
+            return "no configuration file"
+        try:
+            fresh.postOptions()
+            settings = self.build(fresh)
+        except Exception as e:
+            self.counts["error"] += 1
+            self.log.error(
+                "reload: still running with the previous configuration: {error}",
+                error=e,
+            )
+            return f"{path} not applied (error)"
+        for key in RESTART_ONLY:
+            if fresh[key] != self.options[key]:
+                self.log.warn(
+                    "reload: {key} changed in {path}, which takes a restart; "
+                    "still {old}",
+                    key=key,
+                    path=path,
+                    old=self.options[key],
+                )
+                fresh[key] = self.options[key]
+        self.options = fresh
+        self.factory.settings = settings
+        self.counts["ok"] += 1
+        return f"{path} applied to new connections"

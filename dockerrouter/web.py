@@ -1,0 +1,86 @@
+"""
+What the router serves over HTTP besides Docker (metrics, the control
+endpoint): sites with no access log, on endpoints that are nice to have.
+
+Neither is worth stopping the router for: if an endpoint can't be had
+(taken by another router, a missing directory), the router warns and serves
+Docker without it.
+"""
+
+import errno
+
+from twisted.application.service import Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+
+from dockerrouter.logging import RouterLogger
+
+
+class QuietSite(Site):
+    """A site that writes no log line per request (a scrape every 15 s)."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def checkEndpoint(description: str, option: str) -> None:
+    """
+    @raise usage.UsageError: C{description} is not a server endpoint string.
+    """
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise usage.UsageError(f"bad --{option} endpoint {description!r}: {e}")
+
+
+class OptionalListener(Service):
+    """
+    Serves a site on an endpoint if it can be had, and warns if not.
+    """
+
+    log = RouterLogger()
+    _port = None
+
+    def __init__(self, description: str, reactor, site: Site, what: str) -> None:
+        self.description = description
+        self._reactor = reactor
+        self._site = site
+        self._what = what
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            waiting = serverFromString(self._reactor, self.description).listen(self._site)
+        except Exception:
+            waiting = Failure()
+        if isinstance(waiting, Failure):
+            self._cannot(waiting)
+        else:
+            waiting.addCallbacks(self._listening, self._cannot)
+
+    def _listening(self, port) -> None:
+        self._port = port
+
+    def _cannot(self, failure: Failure) -> None:
+        reason = getattr(failure.value, "socketError", None) or failure.value
+        if reason == "Cannot acquire lock":
+            reason = "another docker-router serves it"
+        elif getattr(reason, "errno", None) == errno.ENOENT:
+            reason = "its directory does not exist"
+        self.log.warn(
+            "not serving {what} on {endpoint}: {reason}",
+            what=self._what,
+            endpoint=self.description,
+            reason=reason,
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()

@@ -1,0 +1,126 @@
+"""
+The refusal log under a flood: the first refusal of a uid for a cause in
+full, then at most one summary line per minute.
+"""
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerrouter.logging import (
+    CONNECTION_DONE,
+    ClassicText,
+    RejectionLog,
+    RouterLogger,
+    emitFormatted,
+    speedUpFileLogs,
+)
+
+
+class RejectionLogTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.rejections = RejectionLog(self.clock, Logger())
+
+    def refuse(self, times: int, uid: int = 1002, cause: str = "too-many") -> None:
+        for _ in range(times):
+            self.rejections.rejected(uid, "bob", 77, "/run/user/%d/docker.sock" % uid, cause)
+
+    def texts(self, events: list) -> list[str]:
+        return [e["text"] for e in events]
+
+    def test_firstInFullThenOneSummaryAMinute(self) -> None:
+        with capturedLogs() as events:
+            self.refuse(500)
+            self.clock.advance(59)
+            self.assertEqual(
+                self.texts(events),
+                ["rejected uid=1002 user=bob pid=77 backend=/run/user/1002/docker.sock cause=too-many"],
+            )
+            self.clock.advance(1)
+            self.refuse(3)
+            self.clock.advance(60)
+        self.assertEqual(
+            self.texts(events)[1:],
+            [
+                "499 more connections of uid 1002 (bob) refused: too-many",
+                "3 more connections of uid 1002 (bob) refused: too-many",
+            ],
+        )
+        self.assertEqual([e["log_level"].name for e in events], ["warn"] * 3)
+
+    def test_eachUidAndCauseOnItsOwn(self) -> None:
+        with capturedLogs() as events:
+            self.refuse(2, uid=1001)
+            self.refuse(2, uid=1002)
+            self.refuse(2, uid=1002, cause="missing")
+        self.assertEqual([(e["uid"], e["cause"]) for e in events], [(1001, "too-many"), (1002, "too-many"), (1002, "missing")])
+
+    def test_quietAgainAfterAQuietMinute(self) -> None:
+        """
+        Once a uid has been quiet for a whole minute, its next refusal is
+        logged in full again, and no timer is left behind.
+        """
+        self.refuse(1)
+        self.clock.advance(60)
+        self.clock.advance(60)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        with capturedLogs() as events:
+            self.refuse(1)
+        self.assertEqual(len(events), 1)
+        self.assertIn("cause=too-many", events[0]["text"])
+
+    def test_stopSaysWhatIsHeldBack(self) -> None:
+        self.refuse(4)
+        with capturedLogs() as events:
+            self.rejections.stop()
+        self.assertEqual(self.texts(events), ["3 more connections of uid 1002 (bob) refused: too-many"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """
+    The cheaper file log lines are Twisted's, character for character, and
+    twistd's file observer is found where this code expects it.
+    """
+
+    def events(self) -> list[dict]:
+        from twisted.python.failure import Failure
+
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        made: list[dict] = []
+        log = RouterLogger(namespace="dockerrouter.relay.ServerProtocol", observer=made.append)
+        emitFormatted(log, LogLevel.info, CONNECTION_DONE, uid=1001, user="alice", pid=4711,
+                      backend="/run/user/1001/docker.sock", duration=0.25, bytesToDocker=183,
+                      bytesFromDocker=2211, end="closed")
+        log.warn("two\nlines {n}", n=2)
+        log.failure("it broke", failure)
+        emitFormatted(log, LogLevel.warn, "{extra} and more", extra=1)
+        made.append(dict(log_format="{text}", text="legacy", log_system="-", log_time=made[0]["log_time"] + 0.5))
+        made.append(dict(log_format="{text}", text="", log_time=made[0]["log_time"] + 1.0))
+        return made
+
+    def test_sameLines(self) -> None:
+        from twisted.logger import formatEventAsClassicLogText
+
+        classic = ClassicText()
+        for event in self.events():
+            self.assertEqual(classic(event), formatEventAsClassicLogText(event), event)
+
+    def test_findsTwistdsFileObserver(self) -> None:
+        import io
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = io.StringIO()
+        fileObserver = textFileLogObserver(out)
+        other = textFileLogObserver(io.StringIO(), timeFormat=None)
+        other.formatEvent = lambda event: "mine\n"
+        publisher = LogPublisher(fileObserver, other, lambda event: None)
+        self.assertEqual(speedUpFileLogs(publisher), 1)
+        self.assertIsInstance(fileObserver.formatEvent, ClassicText)
+        emitFormatted(RouterLogger(observer=publisher), LogLevel.info, "x={x}", x=1)
+        self.assertTrue(out.getvalue().endswith("#info] x=1\n"), out.getvalue())

@@ -1,0 +1,61 @@
+"""
+The metrics' own logic: per-user series bounded to the most recently active
+users, and histogram buckets counted as Prometheus means them (C{le}).
+"""
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerrouter.backends import BackendResolver
+from dockerrouter.config import Settings
+from dockerrouter.credentials import Credentials
+from dockerrouter.metrics import Buckets, RouterMetrics
+from dockerrouter.relay import RouterFactory
+from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
+
+
+class PerUserTests(SynchronousTestCase):
+    def test_mostRecentlyActiveOnly(self) -> None:
+        reactor = MemoryReactorClock()
+        factory = RouterFactory(reactor, BackendResolver("/x/{uid}"), connectTimeout=5)
+        resolver = BackendResolver("/x/{uid}", lookupName=lambda uid: f"u{uid}")
+        factory.settings = Settings(resolver, 5, usersKept=2)
+        factory.routerPid = lambda: 1
+        metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
+        relays = []
+        for uid in (1000, 1001, 1002, 1001):
+            factory.openSocketFile = lambda path, uid=uid: socketFile(uid)
+            factory.connectUnix = lambda path, uid=uid: FakeSocket(Credentials(5000, uid, uid))
+            relay = factory.buildProtocol(None)
+            relay.makeConnection(PeerTransport(Credentials(4000 + uid, uid, uid)))
+            relays.append(relay)
+        # Activity: 1000, 1001, 1002, 1001 connect, then 1000's connection
+        # ends; the two most recently active are 1001 and 1000.
+        relays[0]._relayEnded(None)
+        samples = {
+            (s.name, s.labels.get("user")): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name.startswith("docker_router_user_connections_active")
+        }
+        self.assertEqual(
+            samples,
+            {
+                ("docker_router_user_connections_active", "u1001"): 2,
+                ("docker_router_user_connections_active", "u1000"): 0,
+            },
+        )
+
+
+class BucketsTests(SynchronousTestCase):
+    def test_lessOrEqual(self) -> None:
+        buckets = Buckets((0.1, 1.0))
+        for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+            buckets.observe(value)
+        family = buckets.family("h", "doc")
+        counts = {s.labels.get("le"): s.value for s in family.samples if s.name == "h_bucket"}
+        self.assertEqual(counts, {"0.1": 2, "1.0": 4, "+Inf": 5})
+        self.assertEqual(
+            {s.name: s.value for s in family.samples if s.name in ("h_count", "h_sum")},
+            {"h_count": 5, "h_sum": 8.65},
+        )
