@@ -167,7 +167,7 @@ class ProbingTests(IntegrationTestCase):
         decoy.settle()
         self.assertEqual((decoy.count("accepted"), decoy.receivedBytes()), (0, 0))
         for cause in ("wrong-owner", "not-a-socket", "missing"):
-            router.waitLog(r"rejected uid=%d .*cause=%s: " % (UID_A, cause))
+            router.waitLog(r"rejected uid=%d .*cause=%s\b" % (UID_A, cause))
 
     def test_ownDirectoryStaysSpecific(self):
         """
