@@ -201,12 +201,23 @@ class Machine:
                 f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
         return result
 
-    def spawn(self, script, user=None, stdout=None):
+    def spawn(self, script, user=None):
         """
-        Start a script in the machine and return its L{subprocess.Popen}.
+        Start a script in the machine; its output is the returned
+        L{subprocess.Popen}'s C{stdout}, its pid in the machine C{.inner}
+        (L{kill} ends it: killing the local C{nsenter} would not).
         """
-        return subprocess.Popen(self._command(script, user), stdout=stdout or subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(self._command(f"echo $$; {script}", user), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process.inner = int(process.stdout.readline())
+        return process
+
+    def kill(self, process):
+        """
+        End a process started with L{spawn}.
+        """
+        self.run(f"kill {process.inner}", check=False)
+        process.wait(timeout=30)
 
     def login(self, user, script, timeout=300):
         """
