@@ -132,10 +132,13 @@ class Machine:
         deadline = time.monotonic() + BOOT_DEADLINE
         while self.leader is None:
             self._checkAlive()
-            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.nspawn.pid)],
-                                      capture_output=True, text=True).stdout.split()
-            if children:
-                self.leader = int(children[0])
+            # Not the first child: nspawn's outer child sets up and exits; the leader is its
+            # init, once it has exec'd systemd.
+            children = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(self.nspawn.pid)],
+                                      capture_output=True, text=True).stdout.split("\n")
+            leaders = [int(line.split()[0]) for line in children if line.split()[1:] == ["systemd"]]
+            if leaders:
+                self.leader = leaders[0]
             elif time.monotonic() > deadline:
                 raise CommandFailed("systemd-nspawn started no container")
             else:

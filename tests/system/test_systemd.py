@@ -320,8 +320,24 @@ def test_cleanInstall(m):
     (C{Documentation=} included: it checks that the man page exists).
     """
     m.run(f"systemctl restart {SERVICE}")
-    out = m.run(f"journalctl -u {SERVICE} --no-pager -o cat").stdout
-    assert "plugin cache" not in out
+    # After a relayed connection, the router has logged its start.
+    assert ping(m, "dr-alice").returncode == 0
+    out = m.run(f"journalctl _PID={mainPid(m)} --no-pager -o cat").stdout
+    assert "starting" in out and "plugin cache" not in out, out
     verify = m.run("systemd-analyze verify /etc/systemd/system/docker-router.service "
                    "/etc/systemd/system/docker-router.socket", check=False)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+
+
+def test_adviceNamesRealCommands(m):
+    """
+    A user without a daemon is told how to set one up, with the setup tool
+    where Debian put it: the command the router names works here (run with
+    the tool's C{check} instead of C{install}, to leave the user as is).
+    """
+    refused = ping(m, NO_DAEMON)
+    assert refused.returncode != 0
+    advice = re.search(r"`([^`]*dockerd-rootless-setuptool\.sh install[^`]*)`", refused.stderr)
+    assert advice, refused.stderr
+    check = m.login(NO_DAEMON, re.sub(r"install( --force)?", "check", advice.group(1)))
+    assert check.returncode == 0, (advice.group(1), check.stdout, check.stderr)
