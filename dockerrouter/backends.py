@@ -135,6 +135,13 @@ class SubordinateIds:
                 return owner
         return uid
 
+    def reload(self) -> str:
+        """Read the file now, changed or not (SIGHUP); say what was read."""
+        self._nextCheck = float("-inf")
+        self._stamp = None
+        self._refresh()
+        return f"{len(self._ranges)} subordinate uid ranges from {self.path}"
+
     def _refresh(self) -> None:
         now = self._clock()
         if now < self._nextCheck:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
+from dockerrouter._compat import replaceListeningSocket
 from dockerrouter.logging import RouterLogger
 
 # Descriptors kept back from the connection cap: the listening sockets, the
@@ -82,7 +83,7 @@ class AcceptBackoff:
         self._port = port
         self.interval = interval
         self._paused = False
-        port.socket = _GuardedListener(port.socket, self._exhausted)
+        replaceListeningSocket(port, lambda sock: _GuardedListener(sock, self._exhausted))
 
     def _exhausted(self, number: int) -> None:
         if self._paused:

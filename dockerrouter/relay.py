@@ -24,6 +24,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dockerrouter._compat import dropTransport
 from dockerrouter.backends import (
     Backend,
     BackendResolver,
@@ -125,6 +126,7 @@ class ServerProtocol(Protocol):
             daemon,
             self._relayEnded,
         )
+        dropTransport(self.transport)
         self.transport = None
         self._splicer.start()
 
@@ -228,6 +230,10 @@ class RouterFactory(Factory):
 
     def stopFactory(self) -> None:
         self.pipes.close()
+
+    def userCount(self) -> int:
+        """How many users hold live connections."""
+        return len(self._perUser)
 
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""

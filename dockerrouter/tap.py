@@ -5,16 +5,28 @@ Nothing else in the package knows about argv.
 """
 
 import os
+import socket
 import sys
 from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
+from dockerrouter._compat import (
+    bindInode,
+    dropOwnLock,
+    forgetExitSignal,
+    guardStop,
+    listeningPort,
+    lockHolder,
+)
 from dockerrouter.backends import (
     DEFAULT_TEMPLATE,
     BackendResolver,
@@ -23,7 +35,9 @@ from dockerrouter.backends import (
 )
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
+from dockerrouter.notify import Notifier, NotifyService
 from dockerrouter.relay import RouterFactory
+from dockerrouter.reload import ReloadService
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
 
@@ -123,23 +137,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        for description in self["listen"]:
-            _checkListen(description)
         _checkTemplate(self["user-socket"])
-
-
-def _checkListen(description: str) -> None:
-    try:
-        serverFromString(MemoryReactor(), description)
-    except Exception as e:
-        raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}")
-    if description.startswith("unix:"):
-        path = description[len("unix:") :].split(":", 1)[0]
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise usage.UsageError(
-                f"cannot listen on {path}: directory {directory} does not exist"
-            )
 
 
 def _checkTemplate(template: str) -> None:
@@ -159,14 +157,22 @@ class CannotListen(Exception):
     A listening endpoint can't be had.  twistd stops with a non-zero status:
     in the foreground this prints one line (see L{_oneLineFor}); daemonized,
     twistd's parent prints it (the exception must be an C{Exception} to reach
-    twistd's status pipe, or the parent would wait forever).
+    twistd's status pipe, or the parent would wait forever).  What can be
+    found out before twistd forks (a bad endpoint, another router holding
+    the path) is raised from L{makeService}, and prints one line either way.
     """
+
+
+def _refuse(description: str, reason: str) -> CannotListen:
+    """A L{CannotListen} for C{description}, printed as one line."""
+    sys.excepthook = _oneLineFor(sys.excepthook)
+    return CannotListen(f"docker-router: cannot listen on {description}: {reason}")
 
 
 def _oneLineFor(previous):
     """A C{sys.excepthook} that prints a L{CannotListen} as its message alone."""
     if getattr(previous, "printsCannotListen", False):
-        return previous  # makeService ran before in this process
+        return previous  # installed before in this process
 
     def excepthook(kind, value, traceback):
         if issubclass(kind, CannotListen):
@@ -178,40 +184,105 @@ def _oneLineFor(previous):
     return excepthook
 
 
+def _unixPath(description: str) -> Optional[str]:
+    if description.startswith("unix:"):
+        return description[len("unix:") :].split(":", 1)[0]
+    return None
+
+
+def _anotherRouter(pid: Optional[int]) -> str:
+    held = f" (pid {pid})" if pid else ""
+    return f"another docker-router{held} is already listening there"
+
+
+def _endpointFor(reactor, description: str):
+    """
+    The endpoint for a C{--listen} description, or a L{CannotListen}: only
+    Unix stream sockets carry the peer credentials the router routes by.
+    """
+    try:
+        endpoint = serverFromString(reactor, withBacklog(description))
+    except Exception as e:
+        raise _refuse(description, f"bad --listen endpoint: {e}")
+    onlyUnix = (
+        "only Unix stream sockets carry the peer credentials docker-router "
+        "routes by (unix:PATH, or systemd:domain=UNIX:index=N)"
+    )
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        if endpoint.addressFamily != socket.AF_UNIX:
+            raise _refuse(description, onlyUnix)
+        _checkAdopted(description, endpoint.fileno)
+    elif not isinstance(endpoint, UNIXServerEndpoint):
+        raise _refuse(description, onlyUnix)
+    path = _unixPath(description)
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise _refuse(description, f"directory {directory} does not exist")
+        holder = lockHolder(path)
+        if holder is not None:
+            raise _refuse(description, _anotherRouter(holder))
+    return endpoint
+
+
+def _checkAdopted(description: str, fileno: int) -> None:
+    """A descriptor systemd hands over must be a Unix stream socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError as e:
+        raise _refuse(description, f"descriptor {fileno} is not a socket ({e.strerror})")
+    with sock:
+        if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_STREAM):
+            raise _refuse(
+                description,
+                f"systemd handed over a {sock.family.name}/{sock.type.name} "
+                "socket, not a Unix stream socket (ListenStream=/a/path)",
+            )
+
+
 class _ListeningService(StreamServerEndpointService):
     """
-    Listens on one endpoint, and guards its accepting against running out of
-    descriptors.
+    Listens on one endpoint, guards its accepting against running out of
+    descriptors, and on stop leaves alone what isn't its own (see
+    L{guardStop}).
     """
 
     _raiseSynchronously = True
+    log = RouterLogger()
 
-    def __init__(self, description: str, reactor, factory: RouterFactory) -> None:
-        super().__init__(serverFromString(reactor, withBacklog(description)), factory)
+    def __init__(self, description: str, endpoint, reactor, factory: RouterFactory) -> None:
+        super().__init__(endpoint, factory)
         self.description = description
         self._reactor = reactor
 
     def privilegedStartService(self) -> None:
+        path = _unixPath(self.description)
         try:
             super().privilegedStartService()
-            AcceptBackoff(self._reactor, self._waitingForPort.result)
         except CannotListenError as e:
+            if path is not None:
+                dropOwnLock(path)
             reason = e.socketError
             if reason == "Cannot acquire lock":
-                reason = "another docker-router is already listening there"
-            raise CannotListen(f"docker-router: cannot listen on {self.description}: {reason}")
+                reason = _anotherRouter(path and lockHolder(path))
+            raise _refuse(self.description, str(reason))
         except Exception as e:
-            raise CannotListen(f"docker-router: cannot listen on {self.description}: {e}")
+            raise _refuse(self.description, str(e))
+        port = listeningPort(self)
+        if path is None:
+            # Adopted from systemd, which set its backlog; Twisted listen()s
+            # again with its own default of 50.
+            port.socket.listen(DEFAULT_BACKLOG)
+            guardStop(port, None, self._leftAlone)
+        else:
+            guardStop(port, bindInode(path), self._leftAlone)
+        AcceptBackoff(self._reactor, port)
 
-    def stopService(self):
-        if self.description.startswith("systemd:") and self._waitingForPort.called:
-            # Twisted unlinks a Unix port's path when it stops listening, even
-            # a socket it adopted from systemd, which still owns it and will
-            # hand it to the next start: make the path look abstract to it.
-            port = self._waitingForPort.result
-            if getattr(port, "_bindPath", None):
-                port._bindPath = b"\0"
-        return super().stopService()
+    def _leftAlone(self, path: str) -> None:
+        self.log.warn(
+            "left {path} in place: it is no longer the socket this router bound",
+            path=path,
+        )
 
 
 class _DrainService(Service):
@@ -245,19 +316,23 @@ class _DrainService(Service):
             finished=finished,
             aborted=aborted,
         )
+        # The shutdown SIGTERM or SIGINT asked for is done: exit 0, not 143.
+        forgetExitSignal(self.factory.reactor)
 
 
 def makeService(options: Options, reactor: Optional[object] = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    endpoints = [(d, _endpointFor(reactor, d)) for d in options["listen"]]
     log = RouterLogger()
-    sys.excepthook = _oneLineFor(sys.excepthook)
     before, limit = raiseDescriptorLimit()
     log.info(
         "open file limit: {limit} (raised from {before})" if before != limit else "open file limit: {limit}",
         limit=limit,
         before=before,
     )
+    # What SIGHUP re-reads: each returns a few words for its log line.
+    reloaders = []
     subordinates = None
     if not options["no-subuid"]:
         subordinates = SubordinateIds(
@@ -265,6 +340,7 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
             warn=lambda text: log.warn("{message}", message=text),
             clock=reactor.seconds,
         )
+        reloaders.append(subordinates.reload)
     factory = RouterFactory(
         reactor,
         BackendResolver(
@@ -276,8 +352,12 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         maxConnections=options["max-connections"] or connectionsFor(limit),
         maxConnectionsPerUser=options["max-connections-per-user"],
     )
+    notifier = Notifier()
     top = MultiService()
     _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
-    for description in options["listen"]:
-        _ListeningService(description, reactor, factory).setServiceParent(top)
+    for description, endpoint in endpoints:
+        _ListeningService(description, endpoint, reactor, factory).setServiceParent(top)
+    # After the listeners: stopped first, so STOPPING=1 precedes the drain.
+    NotifyService(reactor, factory, notifier).setServiceParent(top)
+    ReloadService(reactor, reloaders, notifier).setServiceParent(top)
     return top

@@ -2,6 +2,10 @@
 The command line, the services it makes, and log levels on their way to syslog.
 """
 
+import os
+import socket
+import subprocess
+import sys
 import syslog
 
 from twisted.internet.testing import MemoryReactorClock
@@ -10,7 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.logging import RouterLogger
-from dockerrouter.tap import DEFAULT_BACKLOG, Options, makeService, withBacklog
+from dockerrouter.tap import DEFAULT_BACKLOG, CannotListen, Options, makeService, withBacklog
 
 
 def parse(*argv: str) -> Options:
@@ -30,16 +34,6 @@ class OptionsTests(SynchronousTestCase):
         options = parse("--listen", "unix:/tmp/a.sock", "--listen", "tcp:2375:interface=127.0.0.1")
         self.assertEqual(options["listen"], ["unix:/tmp/a.sock", "tcp:2375:interface=127.0.0.1"])
 
-    def test_badEndpoint(self) -> None:
-        with self.assertRaises(UsageError) as caught:
-            parse("--listen", "carrier-pigeon:1")
-        self.assertIn("bad --listen endpoint", str(caught.exception))
-
-    def test_missingDirectory(self) -> None:
-        with self.assertRaises(UsageError) as caught:
-            parse("--listen", "unix:/nonexistent/dir/docker.sock")
-        self.assertIn("/nonexistent/dir does not exist", str(caught.exception))
-
     def test_badTemplate(self) -> None:
         for template in ("/run/{home}/docker.sock", "/run/{0}", "relative/{uid}.sock"):
             self.assertRaises(UsageError, parse, "--user-socket", template)
@@ -50,25 +44,106 @@ class OptionsTests(SynchronousTestCase):
 
 
 class _ListeningReactor(MemoryReactorClock):
-    """A MemoryReactor whose ports have the listening socket the router guards."""
+    """
+    A MemoryReactor whose ports have the listening socket the router guards,
+    and a file at their path.
+    """
 
-    def listenUNIX(self, *args, **kwargs):
-        port = super().listenUNIX(*args, **kwargs)
+    def listenUNIX(self, address, *args, **kwargs):
+        port = super().listenUNIX(address, *args, **kwargs)
         port.socket = object()
+        port.lockFile = None
+        open(address, "w").close()
         return port
+
+
+class RefusalTests(SynchronousTestCase):
+    """
+    What can't be listened on is refused by L{makeService}, before twistd
+    forks, as a L{CannotListen} printed as one line.
+    """
+
+    def setUp(self) -> None:
+        self.patch(sys, "excepthook", sys.excepthook)
+
+    def refusal(self, *argv: str) -> str:
+        with self.assertRaises(CannotListen) as caught:
+            makeService(parse(*argv), reactor=MemoryReactorClock())
+        return str(caught.exception)
+
+    def test_badEndpoint(self) -> None:
+        self.assertIn("bad --listen endpoint", self.refusal("--listen", "carrier-pigeon:1"))
+
+    def test_missingDirectory(self) -> None:
+        message = self.refusal("--listen", "unix:/nonexistent/dir/docker.sock")
+        self.assertIn("/nonexistent/dir does not exist", message)
+
+    def test_onlyUnixStreamSockets(self) -> None:
+        """
+        A TCP endpoint carries no peer credentials (every client would be
+        "uid -1"): refused, as is an adopted socket of another family.
+        """
+        self.inherit(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        for description in ("tcp:2375", "tcp6:2375", "systemd:domain=INET:index=0"):
+            self.assertIn("only Unix stream sockets", self.refusal("--listen", description))
+
+    def inherit(self, sock: socket.socket) -> None:
+        """Make C{sock} the descriptor systemd hands over (C{LISTEN_FDS})."""
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        self.addCleanup(sock.close)
+        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs([sock.fileno()]))
+
+    def test_adoptedDatagramSocket(self) -> None:
+        """
+        A descriptor systemd hands over (C{LISTEN_FDS}) that is a Unix
+        datagram socket is refused, naming what it is.
+        """
+        self.inherit(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        message = self.refusal("--listen", "systemd:domain=UNIX:index=0")
+        self.assertIn("AF_UNIX/SOCK_DGRAM socket, not a Unix stream socket", message)
+
+    def test_anotherRouterHoldsTheLock(self) -> None:
+        """
+        A live process holding the path's lock file is named by its pid.
+        """
+        path = os.path.abspath(self.mktemp())
+        holder = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        os.symlink(str(holder.pid), path + ".lock")
+        message = self.refusal("--listen", f"unix:{path}:lockfile=1")
+        self.assertIn(f"another docker-router (pid {holder.pid}) is already listening", message)
+
+    def test_excepthookOnlyOnFailure(self) -> None:
+        """
+        Only a refusal installs the one-line excepthook; a good start leaves
+        the process's hook alone.
+        """
+        before = sys.excepthook
+        makeService(parse("--listen", f"unix:{self.mktemp()}"), reactor=MemoryReactorClock())
+        self.assertIs(sys.excepthook, before)
+        self.refusal("--listen", "tcp:2375")
+        self.assertIsNot(sys.excepthook, before)
+        written = []
+        self.patch(sys, "stderr", type("W", (), {"write": lambda self, t: written.append(t)})())
+        sys.excepthook(CannotListen, CannotListen("docker-router: cannot listen on x: y"), None)
+        self.assertEqual(written, ["docker-router: cannot listen on x: y\n"])
 
 
 class ServiceTests(SynchronousTestCase):
     def test_listensOnEachEndpointWithBacklog(self) -> None:
         reactor = _ListeningReactor()
-        path = self.mktemp()
-        options = parse("--listen", f"unix:{path}:mode=666", "--listen", "unix:b.sock:backlog=7")
+        path, other = self.mktemp(), self.mktemp()
+        options = parse("--listen", f"unix:{path}:mode=666", "--listen", f"unix:{other}:backlog=7")
         service = makeService(options, reactor=reactor)
         service.privilegedStartService()
         service.startService()
+        self.addCleanup(service.stopService)
         self.assertEqual(
             [(p[0], p[2], p[3]) for p in reactor.unixServers],
-            [(path, DEFAULT_BACKLOG, 0o666), ("b.sock", 7, 0o666)],
+            [(path, DEFAULT_BACKLOG, 0o666), (other, 7, 0o666)],
         )
 
     def test_withBacklog(self) -> None:

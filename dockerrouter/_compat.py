@@ -1,0 +1,144 @@
+"""
+Every place the router relies on how Twisted works inside, rather than on
+its public interfaces.
+
+Each function here names the assumption it makes, and
+C{tests/unit/test_compat.py} checks each one against the installed Twisted,
+so that an upgrade that changes one fails a test instead of a host.
+"""
+
+import os
+import socket
+from typing import Callable, Optional
+
+from twisted.internet import tcp
+from twisted.python import lockfile
+
+
+def listeningPort(service):
+    """
+    The port a L{StreamServerEndpointService} listens on, once its
+    C{privilegedStartService} has run (with C{_raiseSynchronously}, the
+    port or the failure is there at once).
+
+    Assumes: the service keeps the endpoint's C{listen} Deferred as
+    C{_waitingForPort}.
+    """
+    return service._waitingForPort.result
+
+
+def replaceListeningSocket(port, wrap: Callable[[socket.socket], object]) -> None:
+    """
+    Put C{wrap(port.socket)} in the place of a listening port's socket.
+
+    Assumes: the port calls C{self.socket.accept()} in C{doRead}, and looks
+    the socket up on every call.
+    """
+    port.socket = wrap(port.socket)
+
+
+def bindInode(path: str) -> tuple[int, int]:
+    """The (device, inode) of the socket file at C{path}, just bound."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def guardStop(
+    port, own: Optional[tuple[int, int]], leftAlone: Callable[[str], None]
+) -> None:
+    """
+    Make a Unix port's stop leave alone what isn't its own.
+
+    Twisted's C{unix.Port.connectionLost} unlinks the port's path, whatever
+    is there by then, and its C{tcp.Port} base calls C{shutdown()} on the
+    listening socket before closing it.  An adopted socket (C{own} is
+    C{None}) is systemd's: a C{shutdown()} would stop it accepting in
+    systemd's hands too, and its path is systemd's.  A socket the router
+    bound is unlinked only while the path still holds it (C{own}); any other
+    file there is someone else's, and C{leftAlone} is told its path.
+
+    Assumes: C{unix.Port.connectionLost} does nothing but unlink the path,
+    release C{lockFile}, and call C{tcp.Port.connectionLost}; that
+    C{tcp.Port} honours C{_shouldShutdown}; and that the port calls
+    C{self.connectionLost} as looked up on the instance.
+    """
+    path = os.fsdecode(port.getHost().name)
+    if own is None:
+        port._shouldShutdown = False
+
+    def connectionLost(reason) -> None:
+        if own is not None:
+            try:
+                if bindInode(path) == own:
+                    os.unlink(path)
+                else:
+                    leftAlone(path)
+            except FileNotFoundError:
+                pass
+        if port.lockFile is not None:
+            port.lockFile.unlock()
+        tcp.Port.connectionLost(port, reason)
+
+    port.connectionLost = connectionLost
+
+
+def lockHolder(path: str) -> Optional[int]:
+    """
+    The pid of a live process, other than this one, that holds the lock
+    file of a Unix endpoint with C{lockfile=1} at C{path}.
+
+    Assumes: C{FilesystemLock} is a symlink at C{path + ".lock"} whose
+    target is the holder's pid.
+    """
+    try:
+        pid = int(lockfile.readlink(path + ".lock"))
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def dropOwnLock(path: str) -> None:
+    """
+    Remove the lock file at C{path + ".lock"} if this process made it: a
+    listen that failed after taking the lock leaves it behind.
+
+    Assumes: as L{lockHolder}.
+    """
+    lock = path + ".lock"
+    try:
+        if lockfile.readlink(lock) == str(os.getpid()):
+            lockfile.rmlink(lock)
+    except OSError:
+        pass
+
+
+def forgetExitSignal(reactor) -> None:
+    """
+    Make twistd exit 0 after a shutdown that a signal asked for.
+
+    Assumes: the reactor records SIGTERM or SIGINT in C{_exitSignal}, which
+    twistd reads once the reactor has stopped and re-raises on itself.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
+def dropTransport(transport) -> None:
+    """
+    Let go of a connection's transport without closing its socket, whose
+    descriptor the relay now owns (through C{getHandle()}).
+
+    Assumes: a transport out of the reactor's readers (it has written
+    nothing, so it is in no writers either) is referenced by nothing in
+    Twisted, and closes nothing when collected (it has no C{__del__}; the
+    socket object lives on in the relay).
+    """
+    transport.stopReading()

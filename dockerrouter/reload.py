@@ -1,0 +1,58 @@
+"""
+SIGHUP: re-read what can be re-read, without touching a live relay.
+
+Each thing that can be reloaded is a callable in the list the service is
+given (L{makeService<dockerrouter.tap.makeService>} builds it), which does
+its re-reading and returns a few words for the log line.  Another concern
+(a configuration file) adds its own callable to the list.
+"""
+
+import signal
+from typing import Callable, Sequence
+
+from twisted.application.service import Service
+
+from dockerrouter.logging import RouterLogger
+from dockerrouter.notify import Notifier
+
+Reloader = Callable[[], str]
+
+
+class ReloadService(Service):
+    """
+    Turns SIGHUP (whose default action would kill the router) into a reload,
+    run in the reactor thread: RELOADING=1 to systemd, each reloader in turn,
+    one log line, READY=1.
+    """
+
+    log = RouterLogger()
+
+    def __init__(self, reactor, reloaders: Sequence[Reloader], notifier: Notifier) -> None:
+        self._reactor = reactor
+        self.reloaders = list(reloaders)
+        self._notifier = notifier
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangUp)
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangUp(self, number, frame) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        self._notifier.reloading()
+        done = []
+        for reloader in self.reloaders:
+            try:
+                done.append(reloader())
+            except Exception:
+                self.log.failure("reload: {reloader} failed; keeping what it had", reloader=reloader)
+        self.log.info("reloaded on SIGHUP: {done}", done="; ".join(done) or "nothing to reload")
+        self._notifier.send(READY=1)

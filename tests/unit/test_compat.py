@@ -1,0 +1,250 @@
+"""
+The assumptions L{dockerrouter._compat} makes about Twisted's insides, each
+checked against the installed Twisted: an upgrade that changes one fails
+here, loudly, rather than on a host.
+"""
+
+import gc
+import inspect
+import os
+import select
+import shutil
+import socket
+import tempfile
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application import app
+from twisted.internet import reactor, tcp, unix
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python import lockfile
+from twisted.trial.unittest import TestCase
+
+from dockerrouter import _compat
+
+
+def connectNonBlocking(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.connect(path)
+    return sock
+
+
+def queued(path: str, most: int) -> int:
+    """How many connects a listener that doesn't accept takes (up to C{most})."""
+    held = []
+    try:
+        while len(held) < most:
+            try:
+                held.append(connectNonBlocking(path))
+            except BlockingIOError:
+                break
+        return len(held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+class PortTests(TestCase):
+    """A real Unix port on the real reactor."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="dr-compat-")
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "s.sock")
+        self.factory = Factory.forProtocol(Protocol)
+
+    def listen(self, **kwargs):
+        port = reactor.listenUNIX(self.path, self.factory, **kwargs)
+        return port
+
+    def adopted(self, backlog: int = 4096):
+        """A port adopted from a listening socket we keep, as systemd does."""
+        ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        ours.bind(self.path)
+        ours.listen(backlog)
+        ours.setblocking(False)
+        port = reactor.adoptStreamPort(ours.fileno(), socket.AF_UNIX, self.factory)
+        return ours, port
+
+    def test_listeningPort(self):
+        """The service keeps its port where L{listeningPort} looks."""
+        service = StreamServerEndpointService(UNIXServerEndpoint(reactor, self.path), self.factory)
+        service._raiseSynchronously = True
+        service.privilegedStartService()
+        port = _compat.listeningPort(service)
+        self.assertEqual(os.fsdecode(port.getHost().name), self.path)
+        return service.stopService()
+
+    def test_twistedUnlinksAndShutsDownAdopted(self):
+        """
+        Why L{guardStop} exists: unguarded, Twisted unlinks the path of an
+        adopted socket and shuts it down for every holder (if this starts
+        failing, Twisted no longer does, and the guard may go).
+        """
+        ours, port = self.adopted()
+
+        def stopped(_):
+            self.assertFalse(os.path.exists(self.path))
+            # What systemd sees: "Got POLLHUP on a listening socket".
+            poller = select.poll()
+            poller.register(ours, select.POLLIN)
+            self.assertTrue(poller.poll(0)[0][1] & select.POLLHUP)
+
+        return port.stopListening().addCallback(stopped)
+
+    def test_adoptedKeptWhole(self):
+        """
+        Guarded, an adopted socket's stop leaves it listening, at its path,
+        with the backlog it had.
+        """
+        ours, port = self.adopted()
+        _compat.guardStop(port, None, self.fail)
+
+        def stopped(_):
+            self.assertTrue(os.path.exists(self.path))
+            poller = select.poll()
+            poller.register(ours, select.POLLIN)
+            self.assertEqual(poller.poll(0), [])
+            client = connectNonBlocking(self.path)
+            self.addCleanup(client.close)
+            ours.accept()[0].close()
+
+        return port.stopListening().addCallback(stopped)
+
+    def test_adoptionResetsTheBacklog(self):
+        """
+        Twisted listen()s again on an adopted socket with its default backlog
+        of 50, which is why the router listen()s once more with its own.
+        """
+        ours, port = self.adopted(backlog=200)
+        self.addCleanup(port.stopListening)
+        self.assertEqual(queued(self.path, 100), 51)
+        port.socket.listen(200)
+        self.assertEqual(queued(self.path, 100), 100)
+
+    def test_ownUnlinked(self):
+        """The socket this port bound is unlinked, and its lock released."""
+        port = self.listen(wantPID=True)
+        _compat.guardStop(port, _compat.bindInode(self.path), self.fail)
+
+        def stopped(_):
+            self.assertFalse(os.path.exists(self.path))
+            self.assertFalse(os.path.lexists(self.path + ".lock"))
+            self.assertFalse(port.connected)
+
+        return port.stopListening().addCallback(stopped)
+
+    def test_anotherLeftAlone(self):
+        """A socket someone else bound at the path since stays, and is named."""
+        port = self.listen(wantPID=True)
+        leftAlone = []
+        _compat.guardStop(port, _compat.bindInode(self.path), leftAlone.append)
+        os.unlink(self.path)
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        other.bind(self.path)
+        other.listen(1)
+
+        def stopped(_):
+            self.assertEqual(leftAlone, [self.path])
+            connectNonBlocking(self.path).close()
+            self.assertFalse(os.path.lexists(self.path + ".lock"))
+
+        return port.stopListening().addCallback(stopped)
+
+    def test_connectionLostDoesNoMore(self):
+        """
+        L{guardStop} replaces C{unix.Port.connectionLost} by what it does:
+        unlink, unlock, and C{tcp.Port.connectionLost}.  Anything else it
+        starts doing would be skipped.
+        """
+        names = set(unix.Port.connectionLost.__code__.co_names)
+        self.assertLessEqual(
+            names,
+            {"_inFilesystemNamespace", "_bindPath", "port", "os", "unlink", "lockFile", "unlock", "tcp", "Port", "connectionLost"},
+        )
+        self.assertIn("_shouldShutdown", inspect.getsource(tcp._SocketCloser._closeSocket))
+
+    def test_replaceListeningSocket(self):
+        """The port accepts through whatever is in its C{socket}."""
+        port = self.listen()
+        self.addCleanup(port.stopListening)
+        accepted = Deferred()
+
+        class Recording:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def accept(self):
+                if not accepted.called:
+                    accepted.callback(None)
+                return self.sock.accept()
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        _compat.replaceListeningSocket(port, Recording)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(self.path)
+        return accepted
+
+
+class LockTests(TestCase):
+    def test_lockIsAPidSymlink(self):
+        """C{FilesystemLock} is a symlink to the holder's pid."""
+        path = os.path.abspath(self.mktemp())
+        lock = lockfile.FilesystemLock(path + ".lock")
+        self.assertTrue(lock.lock())
+        self.assertEqual(os.readlink(path + ".lock"), str(os.getpid()))
+        self.assertIsNone(_compat.lockHolder(path), "this process is not another")
+        _compat.dropOwnLock(path)
+        self.assertFalse(os.path.lexists(path + ".lock"))
+
+    def test_holderAlive(self):
+        path = os.path.abspath(self.mktemp())
+        os.symlink(str(os.getppid()), path + ".lock")
+        self.assertEqual(_compat.lockHolder(path), os.getppid())
+        _compat.dropOwnLock(path)
+        self.assertTrue(os.path.lexists(path + ".lock"), "another's lock was removed")
+
+
+class ExitSignalTests(TestCase):
+    def test_twistdReadsTheReactorsExitSignal(self):
+        """
+        twistd exits by re-raising the signal the reactor recorded in
+        C{_exitSignal}; clearing it makes twistd exit 0.
+        """
+        self.assertTrue(hasattr(reactor, "_exitSignal"))
+        self.assertIn("reactor._exitSignal", inspect.getsource(app.ApplicationRunner.startReactor))
+        self.patch(reactor, "_exitSignal", 15)
+        _compat.forgetExitSignal(reactor)
+        self.assertIsNone(reactor._exitSignal)
+
+
+class DropTransportTests(TestCase):
+    def test_droppedTransportClosesNothing(self):
+        """
+        A paused transport let go of (no C{connectionLost}) leaves its socket
+        open for whoever took the handle, and the reactor holds it no more.
+        """
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        protocol = Protocol()
+        transport = reactor.adoptStreamConnection(
+            ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol)
+        )
+        ours.close()
+        handle = protocol.transport.getHandle()
+        self.addCleanup(handle.close)
+        protocol.transport.pauseProducing()
+        _compat.dropTransport(protocol.transport)
+        self.assertNotIn(protocol.transport, reactor.getReaders() + reactor.getWriters())
+        self.assertFalse(hasattr(type(protocol.transport), "__del__"))
+        protocol.transport = None
+        del transport
+        gc.collect()
+        handle.send(b"x")
+        self.assertEqual(theirs.recv(1), b"x")
