@@ -41,6 +41,20 @@ def _available():
                     "(apt-get install mmdebstrap systemd-container; run as root)", pytrace=False)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """
+    A failed test's report ends with the journal of the machine it used.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Machine) and value.leader is not None:
+                tail = value.run("journalctl --no-pager -n 150 -u docker-router.socket -u docker-router.service", check=False).stdout
+                report.sections.append(("docker-router units in the machine's journal", tail))
+
+
 @pytest.fixture
 def machine():
     """
