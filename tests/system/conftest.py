@@ -51,7 +51,8 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" and report.failed:
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, Machine) and value.leader is not None:
-                tail = value.run("journalctl --no-pager -n 150 -u docker-router.socket -u docker-router.service", check=False).stdout
+                units = "-u docker-router.socket -u docker-router.service"
+                tail = value.run(f"journalctl --no-pager -n 150 {units}", check=False).stdout
                 report.sections.append(("docker-router units in the machine's journal", tail))
 
 

@@ -49,7 +49,8 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # How the host reaches its package registries: the container shares the
 # host's network, and gets its CA bundle and pip configuration.
 HOST_FILES = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf", "/etc/xdg/pip"]
-PASSED_ENV = re.compile(r"^(PIP_(?!FIND_LINKS)\w+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|https?_proxy|HTTPS?_PROXY|no_proxy|NO_PROXY)$")
+PASSED_ENV = re.compile(
+    r"^(PIP_(?!FIND_LINKS)\w+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|(https?|no)_proxy|(HTTPS?|NO)_PROXY)$")
 BOOT_DEADLINE = 60
 
 
