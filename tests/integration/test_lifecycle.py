@@ -6,6 +6,7 @@ and a graceful SIGTERM.
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -71,6 +72,75 @@ class InstanceTests(IntegrationTestCase):
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(b"cannot listen on unix:/proc/docker-router-test.sock", result.stderr)
+
+    def test_daemonizedSecondInstance(self):
+        """
+        A second router started daemonized prints one clean line naming the
+        pid that holds the socket (not twistd's truncated bytes repr).
+        """
+        first = self.harness.startRouter()
+        result = subprocess.run(
+            twistdCommand()
+            + [
+                "--pidfile=" + os.path.join(self.harness.tmp, "daemon.pid"),
+                "--logfile=" + os.path.join(self.harness.tmp, "daemon.log"),
+                "docker-router",
+                "--listen",
+                "unix:%s:mode=666:lockfile=1" % (self.harness.listenPath,),
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(
+            result.stderr.decode(),
+            "docker-router: cannot listen on unix:%s:mode=666:lockfile=1: another "
+            "docker-router (pid %d) is already listening there\n" % (self.harness.listenPath, first.pid),
+        )
+
+    def test_someoneElsesSocketLeavesNoLock(self):
+        """
+        A start that fails because another program listens at the path
+        leaves no lock file behind, and the other socket alone.
+        """
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        other.bind(self.harness.listenPath)
+        other.listen(1)
+        router = self.harness.startRouter(ready=False)
+        self.assertNotEqual(router.waitExit(20), 0, router.evidence())
+        self.assertIn("Address already in use", router.log() + router.output())
+        self.assertFalse(os.path.lexists(self.harness.listenPath + ".lock"))
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(self.harness.listenPath)
+
+    def test_refusesTcp(self):
+        """
+        A TCP endpoint (no peer credentials) is refused at start, in one line.
+        """
+        router = self.harness.startRouter(ready=False, listen="tcp:0:interface=127.0.0.1")
+        self.assertNotEqual(router.waitExit(20), 0)
+        self.assertEqual(
+            router.output(),
+            "docker-router: cannot listen on tcp:0:interface=127.0.0.1: only Unix stream "
+            "sockets carry the peer credentials docker-router routes by (unix:PATH, or "
+            "systemd:domain=UNIX:index=N)\n",
+        )
+
+    def test_stopLeavesAnothersSocket(self):
+        """
+        A socket someone else bound at the path while the router ran
+        survives the router's stop, with a warning in the log.
+        """
+        router = self.harness.startRouter()
+        os.unlink(self.harness.listenPath)
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(other.close)
+        other.bind(self.harness.listenPath)
+        other.listen(1)
+        router.process.send_signal(signal.SIGTERM)
+        self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(self.harness.listenPath)
+        self.assertTrue(router.logMatches(r"left %s in place" % (self.harness.listenPath,)), router.evidence())
 
 
 class ShutdownTests(IntegrationTestCase):
@@ -164,3 +234,39 @@ class SocketActivationTests(IntegrationTestCase):
         router.process.send_signal(signal.SIGTERM)
         self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode), "the socket's path is gone")
+
+    def test_socketSurvivesRestart(self):
+        """
+        A router that stops leaves the socket systemd holds listening, with
+        its backlog: the next router started on it serves, and meanwhile the
+        kernel queues connects.  (Here a shell plays systemd's restart: it
+        holds the socket and starts the router twice.)
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            self.skipTest("no systemd-socket-activate")
+        path = self.harness.listenPath
+        restart = 'for i in 1 2; do sh -c \'LISTEN_PID=$$ exec "$@"\' sh "$@"; done'
+        router = self.harness.startRouter(
+            wrapper=[activate, "-l", path, "--fdname=docker.sock", "sh", "-c", restart, "sh"],
+            listen="systemd:domain=UNIX:index=0",
+        )
+        os.chmod(path, 0o666)
+        self.harness.startBackend(UID_A, "http")
+
+        def routerPid():
+            with open("/proc/%d/task/%d/children" % (router.pid, router.pid)) as f:
+                return [int(pid) for pid in f.read().split()]
+
+        first = pollUntil(routerPid, 10, what="the first router")[0]
+        self.assertServedBy(self.get(UID_A), UID_A, router)
+        os.kill(first, signal.SIGTERM)
+        second = pollUntil(
+            lambda: [pid for pid in routerPid() if pid != first], 20, what="the second router"
+        )[0]
+        self.assertServedBy(self.get(UID_A), UID_A, router)
+        listening = subprocess.run(["ss", "-xlnH", "src", path], capture_output=True, text=True).stdout
+        self.assertEqual(listening.split()[3], "4096", listening)
+        self.assertIn(router.waitLog(r"shutdown: \d+ connections finished") is not None, (True,))
+        os.kill(second, signal.SIGTERM)
+        self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
