@@ -51,6 +51,9 @@ class Settings:
     usersKept: int = 0
     # The resolver's subordinate uid ranges (re-read on SIGHUP), if routed.
     subordinates: Optional[SubordinateIds] = None
+    # How to start a user's daemon that is not there ("systemd"), or None.
+    start: Optional[str] = None
+    startTimeout: float = 30.0
 
 
 class FileOptions(usage.Options):
@@ -123,6 +126,8 @@ def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], N
         shutdownTimeout=options["shutdown-timeout"],
         usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
         subordinates=subordinates,
+        start=options["start"],
+        startTimeout=options["start-timeout"],
     )
 
 

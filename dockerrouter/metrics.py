@@ -25,6 +25,7 @@ from twisted.web.server import Request, Site
 
 from dockerrouter import __version__
 from dockerrouter.backends import BackendUnusable
+from dockerrouter.starter import RESULTS as START_RESULTS
 from dockerrouter.web import QuietSite
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
@@ -144,6 +145,15 @@ class _LiveState:
         for result, count in self._metrics.reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+        starts = CounterMetricFamily(
+            "docker_router_starts",
+            "On-demand starts of users' daemons (--start) by result.",
+            labels=["result"],
+        )
+        counts = factory.starter.counts if factory.starter is not None else {}
+        for result in START_RESULTS:
+            starts.add_metric([result.replace("-", "_")], counts.get(result, 0))
+        yield starts
         yield factory.durations.family(
             "docker_router_connection_duration_seconds",
             "How long relayed connections lasted, from accept to close.",

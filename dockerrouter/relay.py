@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Optional, Set
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import LogLevel
@@ -31,6 +31,8 @@ from dockerrouter.backends import (
     BackendResolver,
     BackendUnusable,
     ConnectTimeout,
+    DaemonRefuses,
+    NoDaemon,
     TooManyForUser,
     TooManyInTotal,
     checkSocketFile,
@@ -81,6 +83,28 @@ def connectUnix(path: str) -> socket.socket:
     return sock
 
 
+def answers(backend: Backend) -> bool:
+    """
+    Whether a daemon accepts at C{backend}'s path now, on a socket of the
+    uid it must run as (checked first: root knocks on nothing else).  The
+    on-demand starter's question while a daemon is starting.
+    """
+    try:
+        fd, target = openSocketFile(backend.path)
+    except OSError:
+        return False
+    try:
+        checkSocketFile(backend, target)
+        connectUnix(f"/proc/self/fd/{fd}").close()
+    except BlockingIOError:
+        return True  # listening, with a full backlog
+    except (OSError, BackendUnusable):
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 @implementer(IHalfCloseableProtocol)
 class ServerProtocol(Protocol):
     """
@@ -106,6 +130,9 @@ class ServerProtocol(Protocol):
     _retry: Optional[IDelayedCall] = None
     _responder: Optional[ErrorResponder] = None
     _recorded = False
+    # The on-demand start this connection waits on (once per connection).
+    _starting: Optional[Deferred] = None
+    _startTried = False
 
     def connectionMade(self) -> None:
         # Don't read until there is somewhere to send it: the kernel keeps
@@ -131,7 +158,7 @@ class ServerProtocol(Protocol):
         try:
             fd, self._target = self.factory.openSocketFile(self.backend.path)
         except OSError as e:
-            self._reject(explainConnectFailure(self.backend, e))
+            self._unreachable(explainConnectFailure(self.backend, e))
             return
         try:
             checkSocketFile(self.backend, self._target)
@@ -149,7 +176,7 @@ class ServerProtocol(Protocol):
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
         except OSError as e:
-            self._reject(explainConnectFailure(self.backend, e))
+            self._unreachable(explainConnectFailure(self.backend, e))
             return
         finally:
             os.close(fd)
@@ -170,6 +197,34 @@ class ServerProtocol(Protocol):
         self.transport = None
         self._splicer.start()
         self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom)
+
+    def _unreachable(self, reason: BackendUnusable) -> None:
+        """
+        No daemon answers: with C{--start}, ask for one (once) and connect
+        again when the start is done, else answer with C{reason}.
+        """
+        starter = self.factory.starter
+        if (
+            starter is None
+            or self.settings.start is None
+            or self._startTried
+            or not isinstance(reason, (NoDaemon, DaemonRefuses))
+        ):
+            self._reject(reason)
+            return
+        self._startTried = True
+        # It may fire at once: kept only while it waits.
+        self._starting = starting = starter.start(self.backend, self.settings.startTimeout)
+        starting.addCallback(self._startDone)
+        starting.addErrback(lambda failure: failure.trap(CancelledError))
+
+    def _startDone(self, outcome: Optional[BackendUnusable]) -> None:
+        self._starting = None
+        if outcome is not None:
+            self._reject(outcome)
+            return
+        self._connectBy = self.factory.reactor.seconds() + self.settings.connectTimeout
+        self._connect()
 
     def _reject(self, reason: BackendUnusable) -> None:
         if reason.aboutThePath:
@@ -220,6 +275,8 @@ class ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self._starting is not None:
+            self._starting.cancel()
         if self._responder is not None:
             self._responder.connectionLost()
         if not reason.check(error.ConnectionDone):
@@ -283,6 +340,8 @@ class RouterFactory(Factory):
     protocol = ServerProtocol  # type: ignore[assignment]  # Factory is generic only to type checkers
     openSocketFile = staticmethod(openSocketFile)
     connectUnix = staticmethod(connectUnix)
+    # Starts users' daemons on demand (a Starter), used when settings.start.
+    starter: Any = None
     _pid: Optional[int] = None
 
     def startFactory(self) -> None:

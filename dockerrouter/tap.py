@@ -38,8 +38,9 @@ from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.logging import FileLogsService, RouterLogger
 from dockerrouter.metrics import RouterMetrics
 from dockerrouter.notify import Notifier, NotifyService
-from dockerrouter.relay import RouterFactory
+from dockerrouter.relay import RouterFactory, answers
 from dockerrouter.reload import ReloadService
+from dockerrouter.starter import Starter
 from dockerrouter.web import OptionalListener, checkEndpoint
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
@@ -61,6 +62,12 @@ def _count(value: str) -> int:
     if number < 1:
         raise ValueError(f"{value} is not a positive whole number")
     return number
+
+
+def _startMode(value: str) -> str:
+    if value != "systemd":
+        raise ValueError(f"{value!r}: the only way to start a daemon is systemd")
+    return value
 
 
 def withBacklog(description: str) -> str:
@@ -150,6 +157,22 @@ class Options(FileOptions):
             "With --metrics-per-user: how many users, the most recently active, "
             "have series of their own.",
             _count,
+        ],
+        [
+            "start",
+            None,
+            None,
+            "How to start a user's daemon when none answers: `systemd` (their "
+            "manager starts their enabled docker.service or podman.socket; the "
+            "client waits). [default: never]",
+            _startMode,
+        ],
+        [
+            "start-timeout",
+            None,
+            30.0,
+            "With --start: seconds a client waits for its daemon to answer.",
+            _positive,
         ],
     ]
     optFlags = [
@@ -394,6 +417,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     settings = settingsFor(options)
     factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
     factory.settings = settings
+    # Always there (its counts outlive a reload); used when settings.start.
+    factory.starter = Starter(reactor, answers)
 
     def reloadSubordinates() -> str:
         subordinates = factory.settings.subordinates

@@ -59,3 +59,28 @@ class BucketsTests(SynchronousTestCase):
             {s.name: s.value for s in family.samples if s.name in ("h_count", "h_sum")},
             {"h_count": 5, "h_sum": 8.65},
         )
+
+
+class StartsTests(SynchronousTestCase):
+    def test_startsByResult(self) -> None:
+        """Every result of an on-demand start has a series, zeros included."""
+        factory = RouterFactory(MemoryReactorClock(), BackendResolver("/x/{uid}"), connectTimeout=5)
+        factory.starter = type("S", (), {"counts": {"started": 3, "timeout": 1}})()
+        metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
+        samples = {
+            s.labels["result"]: s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "docker_router_starts_total"
+        }
+        self.assertEqual(samples["started"], 3)
+        self.assertEqual(samples["timeout"], 1)
+        self.assertEqual(samples["cooling_down"], 0)
+        self.assertEqual(len(samples), 6)
+        causes = {
+            s.labels["result"]
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "docker_router_connections_total"
+        }
+        self.assertLessEqual({"start_failed", "start_timeout", "start_not_enabled"}, causes)

@@ -8,18 +8,21 @@ import errno
 import os
 from typing import Optional
 
+import attrs
 from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import BackendResolver
+from dockerrouter.backends import Backend, BackendResolver
 from dockerrouter.credentials import Credentials
 from dockerrouter import relay
 from dockerrouter.relay import RouterFactory, ServerProtocol
 from dockerrouter.visibility import Found, Missing
 from dockerrouter.splice import Splicer
+from dockerrouter.starter import StartTimedOut
 from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
@@ -35,7 +38,9 @@ class FakeDaemonSocket(FakeSocket):
         super().close()
 
 
-class RelayTests(SynchronousTestCase):
+class RelayHarness(SynchronousTestCase):
+    """A factory whose opens and connects are the test's."""
+
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.factory = RouterFactory(
@@ -76,6 +81,8 @@ class RelayTests(SynchronousTestCase):
         server.makeConnection(transport)
         return server, transport
 
+
+class RelayTests(RelayHarness):
     def test_relaysOnlyAVerifiedDaemon(self) -> None:
         """
         The client is never read through Twisted; once the daemon is
@@ -206,6 +213,89 @@ class RelayTests(SynchronousTestCase):
         with capturedLogs() as events:
             server._relayEnded("docker:ECONNRESET")
         self.assertEqual([e["end"] for e in events], ["docker:ECONNRESET"])
+
+
+class FakeStarter:
+    """What the relay asks for a start: each request, and its Deferred."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[Backend, float, Deferred]] = []
+        self.cancelled: list[Backend] = []
+
+    def start(self, backend: Backend, timeout: float) -> Deferred:
+        d: Deferred = Deferred(lambda _: self.cancelled.append(backend))
+        self.requests.append((backend, timeout, d))
+        return d
+
+
+class OnDemandStartTests(RelayHarness):
+    """With --start, a missing or refusing daemon is started, once."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.starter = self.factory.starter = FakeStarter()
+        self.factory.settings = attrs.evolve(self.factory.settings, start="systemd", startTimeout=7.0)
+        self.openError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self.sight = Missing("/run/user/1000/docker.sock")
+
+    def test_waitsForTheStartThenRelays(self) -> None:
+        server, clientTransport = self.connectClient()
+        [(backend, timeout, d)] = self.starter.requests
+        self.assertEqual((backend.uid, timeout), (1000, 7.0))
+        self.assertEqual((server._splicer, clientTransport.value(), clientTransport.producerState),
+                         (None, b"", "paused"))
+        self.openError = None
+        d.callback(None)
+        self.assertIsInstance(server._splicer, Splicer)
+        self.assertEqual(self.factory.results["relayed"], 1)
+
+    def test_aRefusingDaemonIsStartedToo(self) -> None:
+        self.openError = None
+        self.connectError = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+        self.connectClient()
+        self.assertEqual(len(self.starter.requests), 1)
+
+    def test_startsOnlyOnce(self) -> None:
+        """Still missing after the start: the client's own reason, no second start."""
+        server, clientTransport = self.connectClient()
+        self.starter.requests[0][2].callback(None)
+        self.assertEqual(len(self.starter.requests), 1)
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"No Docker daemon is running for user alice", clientTransport.value())
+
+    def test_theStartsReasonIsTheAnswer(self) -> None:
+        server, clientTransport = self.connectClient()
+        attempts = len(self.connects)
+        self.starter.requests[0][2].callback(StartTimedOut(server.backend, "7"))
+        self.assertEqual(len(self.connects), attempts)
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"504 Gateway Timeout", clientTransport.value())
+        self.assertIn(b"within 7 seconds", clientTransport.value())
+        self.assertEqual(self.factory.results["start-timeout"], 1)
+
+    def test_anAnswerAtOnce(self) -> None:
+        """A starter that answers at once (a system account, a cool-down)."""
+        self.starter.start = lambda backend, timeout: succeed(None)  # type: ignore[method-assign]
+        server, clientTransport = self.connectClient()
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"No Docker daemon is running for user alice", clientTransport.value())
+
+    def test_clientLeavesWhileWaiting(self) -> None:
+        server, _ = self.connectClient()
+        server.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.starter.cancelled, [server.backend])
+        self.assertEqual(self.factory.relays, set())
+
+    def test_notWithoutStart(self) -> None:
+        self.factory.settings = attrs.evolve(self.factory.settings, start=None)
+        self.connectClient()
+        self.assertEqual(self.starter.requests, [])
+
+    def test_neverForAWrongOwner(self) -> None:
+        self.openError = None
+        self.daemon = Credentials(pid=5000, uid=0, gid=0)
+        self.connectClient()
+        self.assertEqual(self.starter.requests, [])
 
 
 class DrainTests(SynchronousTestCase):

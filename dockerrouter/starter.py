@@ -1,0 +1,358 @@
+"""
+On-demand start of a user's rootless daemon through systemd (C{--start
+systemd}).
+
+When a user's daemon is not there, the router can ask systemd to start it
+rather than refuse: the system manager starts the user's manager
+(C{user@UID.service}), and the user's manager the units the user enabled
+(C{docker.service}, or C{podman.socket}).  The client waits, its bytes held
+in the kernel, until the daemon answers or the start times out.
+
+One start is in flight per user (everyone of that user waits on it); after
+a failed one, the user's next connections are answered at once for a
+cool-down; system accounts (below C{UID_MIN}) and users without a home are
+never started.  Nothing here blocks the reactor: C{systemctl} runs as a
+child process, the user database is read in a thread.
+"""
+
+import os
+import pwd
+from typing import Any, Callable, ClassVar, Optional
+
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from dockerrouter.backends import Backend, BackendUnusable, loginDefsUidMin
+from dockerrouter.logging import RouterLogger
+
+# The user units that serve a Docker API socket, started when enabled.
+UNITS = ("docker.service", "podman.socket")
+# Every result a start (or a connection that wanted one) is counted by.
+RESULTS = ("started", "failed", "timeout", "not-enabled", "cooling-down", "refused")
+COOL_DOWN = 60.0
+_POLL = 0.1
+# What the systemctl children get: no environment of the router's.
+_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+ProcessResult = tuple[bytes, bytes, int]
+Runner = Callable[[list[str]], "Deferred[ProcessResult]"]
+
+
+class StartFailed(BackendUnusable):
+    """The router asked systemd to start the user's daemon, and it did not come."""
+
+    cause = "start-failed"
+    status = 503
+    aboutThePath = False
+    template = (
+        "No Docker daemon is running for user {user} (uid {uid}) at {path}, "
+        "and docker-router could not start it through systemd: {detail}"
+    )
+    advice = "check it with `systemctl --user status docker` (or `docker-router doctor`)"
+
+
+class StartTimedOut(StartFailed):
+    cause = "start-timeout"
+    status = 504
+    template = (
+        "docker-router asked systemd to start the Docker daemon of user "
+        "{user} (uid {uid}), but nothing answered at {path} within {detail} seconds"
+    )
+
+
+class NotEnabled(StartFailed):
+    cause = "start-not-enabled"
+    template = (
+        "No Docker daemon is running for user {user} (uid {uid}) at {path}, "
+        "and docker-router could not start one: the user has enabled none of "
+        "{detail}"
+    )
+    advice = (
+        "set it up once with `{setupTool} install --force`, then "
+        "`systemctl --user enable --now docker`"
+    )
+
+
+class _Collect(ProcessProtocol):
+    """A child's output and exit status; cancelling kills it."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.done: Deferred = Deferred(self._kill)
+
+    def _kill(self, _: Deferred) -> None:
+        try:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except Exception:
+            pass  # already gone
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.done.called:
+            return
+        code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
+        self.done.callback((b"".join(self.out), b"".join(self.err), -1 if code is None else code))
+
+
+def processRunner(reactor: Any) -> Runner:
+    """Runs a command as a child of C{reactor}: its output and exit status."""
+
+    def run(argv: list[str]) -> "Deferred[ProcessResult]":
+        collect = _Collect()
+        reactor.spawnProcess(collect, argv[0], argv, env=_ENVIRONMENT)
+        return collect.done
+
+    return run
+
+
+def homeOf(uid: int) -> Optional[str]:
+    """
+    The home directory of C{uid} when it exists, else C{None}.  (It may ask
+    LDAP or SSSD: call it in a thread.)
+    """
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
+    return home if home not in ("", "/") and os.path.isdir(home) else None
+
+
+def _lastLine(data: bytes) -> str:
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+class _Attempt:
+    """One start of one user's daemon, and the connections waiting on it."""
+
+    def __init__(self, backend: Backend, began: float) -> None:
+        self.backend = backend
+        self.began = began
+        self.units: list[str] = []
+        self.waiting: list[Deferred] = []
+        self.child: Optional[Deferred] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.poll: Optional[IDelayedCall] = None
+        self.outcome: Optional[str] = None
+
+
+class Starter:
+    """
+    Starts users' daemons through systemd, one start in flight per user.
+
+    @ivar counts: start requests by result (see L{RESULTS}), for metrics.
+    """
+
+    log = RouterLogger()
+    systemctl: ClassVar[str] = "/usr/bin/systemctl"
+    systemdRun: ClassVar[str] = "/usr/bin/systemd-run"
+
+    def __init__(
+        self,
+        reactor: Any,
+        probe: Callable[[Backend], bool],
+        run: Optional[Runner] = None,
+        home: Optional[Callable[[int], "Deferred[Optional[str]]"]] = None,
+        uidMin: Optional[int] = None,
+        coolDown: float = COOL_DOWN,
+        units: tuple[str, ...] = UNITS,
+    ) -> None:
+        """
+        @param probe: whether a daemon of the backend's user answers now.
+        @param run: runs a command (default: a child process).
+        @param home: the user's home directory, or C{None} (default: looked
+            up in a thread).
+        """
+        self.reactor = reactor
+        self.probe = probe
+        self.run = run or processRunner(reactor)
+        self.home = home or (lambda uid: threads.deferToThread(homeOf, uid))
+        self.uidMin = loginDefsUidMin() if uidMin is None else uidMin
+        self.coolDown = coolDown
+        self.units = units
+        self.counts = dict.fromkeys(RESULTS, 0)
+        self._attempts: dict[int, _Attempt] = {}
+        # uid -> (until when, what to answer meanwhile)
+        self._cooling: dict[int, tuple[float, Optional[BackendUnusable]]] = {}
+
+    def start(self, backend: Backend, timeout: float) -> "Deferred[Optional[BackendUnusable]]":
+        """
+        Start the daemon of C{backend}'s user, or join the start in flight.
+
+        @return: fires with C{None} when it is worth connecting again (a
+            daemon answers, or no start was made: the client's own reason
+            stands), or with the reason to answer the client.  Cancelling
+            it stops only this caller's wait.
+        """
+        uid = backend.uid
+        now = self.reactor.seconds()
+        cooling = self._cooling.get(uid)
+        if cooling is not None:
+            if cooling[0] > now:
+                self.counts["cooling-down"] += 1
+                return defer.succeed(cooling[1])
+            del self._cooling[uid]
+        attempt = self._attempts.get(uid)
+        first = attempt is None
+        if attempt is None:
+            if uid < self.uidMin:
+                return self._refuse(backend, f"uid {uid} is below UID_MIN {self.uidMin}")
+            attempt = self._attempts[uid] = _Attempt(backend, now)
+
+        def stopWaiting(d: Deferred) -> None:
+            if d in attempt.waiting:
+                attempt.waiting.remove(d)
+
+        waiter: Deferred = Deferred(stopWaiting)
+        attempt.waiting.append(waiter)
+        if first:
+            attempt.timer = self.reactor.callLater(timeout, self._timedOut, attempt, timeout)
+            self._step(attempt, self.home(uid), self._gotHome)
+        return waiter
+
+    def _refuse(self, backend: Backend, why: str) -> "Deferred[Optional[BackendUnusable]]":
+        """No start for this user: say so once per cool-down."""
+        self.counts["refused"] += 1
+        self._cooling[backend.uid] = (self.reactor.seconds() + self.coolDown, None)
+        self.log.info(
+            "start: not starting a daemon for user {user} (uid {uid}): {why}",
+            user=backend.user,
+            uid=backend.uid,
+            why=why,
+        )
+        return defer.succeed(None)
+
+    def _step(self, attempt: _Attempt, d: Deferred, then: Callable) -> None:
+        """Wait for one step of C{attempt} (cancelled if it times out)."""
+        attempt.child = d
+        d.addCallback(lambda result: then(attempt, result) if attempt.outcome is None else None)
+        d.addErrback(self._broken, attempt)
+
+    def _broken(self, failure: Failure, attempt: _Attempt) -> None:
+        if attempt.outcome is None:
+            self._finish(attempt, "failed", StartFailed(attempt.backend, failure.getErrorMessage()))
+
+    def _gotHome(self, attempt: _Attempt, home: Optional[str]) -> None:
+        backend = attempt.backend
+        if home is None:
+            self._cleanUp(attempt)
+            self._refuse(backend, "the user has no home directory")
+            self._answer(attempt, None)
+            return
+        self._step(attempt, self.run([self.systemctl, "start", f"user@{backend.uid}.service"]), self._userManager)
+
+    def _userCommand(self, attempt: _Attempt, *arguments: str) -> list[str]:
+        """
+        A systemctl command to the user's own manager, run as that user by
+        the system manager.  (Not C{systemctl --user -M USER@}: that opens a
+        login session, and when it closes logind stops the user's manager,
+        and the daemon with it, a few seconds later.)
+        """
+        backend = attempt.backend
+        return [
+            self.systemdRun,
+            f"--uid={backend.user}",
+            "--pipe",
+            "--wait",
+            "--quiet",
+            "--collect",
+            f"--setenv=XDG_RUNTIME_DIR=/run/user/{backend.uid}",
+            self.systemctl,
+            "--user",
+            *arguments,
+        ]
+
+    def _userManager(self, attempt: _Attempt, result: ProcessResult) -> None:
+        if self._failed(attempt, result, f"systemctl start user@{attempt.backend.uid}.service"):
+            return
+        command = self._userCommand(attempt, "list-unit-files", "--state=enabled", "--no-legend", *self.units)
+        self._step(attempt, self.run(command), self._enabled)
+
+    def _enabled(self, attempt: _Attempt, result: ProcessResult) -> None:
+        out, _, _ = result
+        listed = {line.split()[0] for line in out.decode("utf-8", "replace").splitlines() if line.strip()}
+        units = [unit for unit in self.units if unit in listed]
+        if not units:
+            self._finish(attempt, "not-enabled", NotEnabled(attempt.backend, " or ".join(self.units)))
+            return
+        attempt.units = units
+        self._step(attempt, self.run(self._userCommand(attempt, "start", *units)), self._unitsStarted)
+
+    def _unitsStarted(self, attempt: _Attempt, result: ProcessResult) -> None:
+        if self._failed(attempt, result, "systemctl --user start " +  " ".join(attempt.units)):
+            return
+        attempt.child = None
+        self._poll(attempt)
+
+    def _poll(self, attempt: _Attempt) -> None:
+        """A unit may answer a moment after systemctl returns (Type=simple)."""
+        attempt.poll = None
+        if self.probe(attempt.backend):
+            self._finish(attempt, "started", None)
+        else:
+            attempt.poll = self.reactor.callLater(_POLL, self._poll, attempt)
+
+    def _failed(self, attempt: _Attempt, result: ProcessResult, command: str) -> bool:
+        _, err, code = result
+        if code == 0:
+            return False
+        why = _lastLine(err) or f"exit status {code}"
+        self._finish(attempt, "failed", StartFailed(attempt.backend, f"`{command}` failed: {why}"))
+        return True
+
+    def _timedOut(self, attempt: _Attempt, timeout: float) -> None:
+        attempt.timer = None
+        self._finish(attempt, "timeout", StartTimedOut(attempt.backend, f"{timeout:g}"))
+
+    def _finish(self, attempt: _Attempt, outcome: str, reason: Optional[BackendUnusable]) -> None:
+        """The start is over: count it, log one line, answer everyone waiting."""
+        attempt.outcome = outcome
+        self._cleanUp(attempt)
+        self.counts[outcome] += 1
+        backend = attempt.backend
+        if reason is None:
+            self.log.info(
+                "start: started {units} of user {user} (uid {uid}) through "
+                "systemd; it answers after {seconds:.1f}s",
+                units=" ".join(attempt.units),
+                user=backend.user,
+                uid=backend.uid,
+                seconds=self.reactor.seconds() - attempt.began,
+            )
+        else:
+            self._cooling[backend.uid] = (self.reactor.seconds() + self.coolDown, reason)
+            self.log.warn(
+                "start: {outcome} for user {user} (uid {uid}): {reason}; the next "
+                "start is tried after {coolDown:g}s",
+                outcome=outcome,
+                user=backend.user,
+                uid=backend.uid,
+                reason=reason.message,
+                coolDown=self.coolDown,
+            )
+        self._answer(attempt, reason)
+
+    def _cleanUp(self, attempt: _Attempt) -> None:
+        self._attempts.pop(attempt.backend.uid, None)
+        for call in (attempt.timer, attempt.poll):
+            if call is not None and call.active():
+                call.cancel()
+        attempt.timer = attempt.poll = None
+        child, attempt.child = attempt.child, None
+        if child is not None and not child.called:
+            child.cancel()
+
+    def _answer(self, attempt: _Attempt, reason: Optional[BackendUnusable]) -> None:
+        waiting, attempt.waiting = attempt.waiting, []
+        for d in waiting:
+            d.callback(reason)
