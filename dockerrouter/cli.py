@@ -1,6 +1,6 @@
 """
 The C{docker-router} command: tools for the operator of a running router
-(C{docker-router status}; more subcommands can join it).
+(C{docker-router status}) and for its users (C{docker-router doctor}).
 
 It talks to the router only through its control endpoint, and imports
 nothing of the router's reactor side.
@@ -15,6 +15,7 @@ import sys
 from typing import Any, Optional
 
 DEFAULT_CONTROL = "unix:/run/docker-router/control.sock"
+DEFAULT_CONFIG = "/etc/docker-router/docker-router.toml"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -116,6 +117,12 @@ def status(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def runDoctor(arguments: argparse.Namespace) -> int:
+    from dockerrouter import doctor
+
+    return doctor.run(arguments.user, arguments.config, sys.stdout)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="docker-router", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +134,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"the router's control endpoint (default: {DEFAULT_CONTROL})",
     )
     show.set_defaults(run=status)
+    doctor = commands.add_parser(
+        "doctor", help="check what a user needs to use Docker through the router, and how to fix it"
+    )
+    doctor.add_argument("user", nargs="?", help="the user to check (root only; default: you)")
+    doctor.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"the router's configuration file, for its user-socket (default: {DEFAULT_CONFIG})",
+    )
+    doctor.set_defaults(run=runDoctor)
     arguments = parser.parse_args(argv)
     return arguments.run(arguments)
 

@@ -1,0 +1,363 @@
+"""
+C{docker-router doctor [USER]}: what stands between a user and their Docker
+daemon, one line per check, with the command that fixes each failure.
+
+A user runs it for themselves; root for anyone.  Root looks at files with
+root's eyes, but asks each daemon for C{_ping} with the user's own rights (a
+child process with their uid), as the user's docker CLI would.  Nothing of
+the router's reactor side is imported.
+"""
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tomllib
+from typing import Optional, TextIO
+
+from attrs import frozen
+
+from dockerrouter.backends import DEFAULT_TEMPLATE, findSetupTool
+
+# Where a user's daemon may listen, in the order the router tries them.
+DEFAULT_CHAIN = (
+    DEFAULT_TEMPLATE,
+    "/run/user/{uid}/podman/podman.sock",
+    "{home}/.docker/run/docker.sock",
+)
+# What the docker CLI uses when nothing says otherwise: the router.
+ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
+LINGER = "/var/lib/systemd/linger"
+CONFIG = "/etc/docker-router/docker-router.toml"
+PING_TIMEOUT = 5.0
+
+OK, WARN, FAIL, NOTE = "ok", "warn", "FAIL", "--"
+
+
+@frozen
+class Check:
+    """One line of the report; a failure says what fixes it."""
+
+    status: str
+    what: str
+    detail: str
+    fix: Optional[str] = None
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.what}: {self.detail}"
+        return text + (f"; fix: {self.fix}" if self.fix else "")
+
+
+def _ranges(path: str, user: pwd.struct_passwd) -> tuple[list[str], int]:
+    """The user's ranges in a subordinate id file, and the first id past every range."""
+    mine, end = [], 100000
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+            continue
+        start, count = int(fields[1]), int(fields[2])
+        end = max(end, start + count)
+        if fields[0] in (user.pw_name, str(user.pw_uid)):
+            mine.append(f"{start}-{start + count - 1}")
+    return mine, end
+
+
+def checkSubordinates(user: pwd.struct_passwd, etc: str = "/etc") -> list[Check]:
+    checks = []
+    for kind, flag in (("uid", "subuids"), ("gid", "subgids")):
+        path = os.path.join(etc, f"sub{kind}")
+        mine, end = _ranges(path, user)
+        if mine:
+            checks.append(Check(OK, f"subordinate {kind}s", f"{', '.join(mine)} in {path}"))
+        else:
+            free = f"{end}-{end + 65535}"
+            checks.append(Check(FAIL, f"subordinate {kind}s", f"{user.pw_name} has no range in {path}",
+                                f"sudo usermod --add-{flag} {free} {user.pw_name}"))
+    return checks
+
+
+def checkIdMappers() -> list[Check]:
+    checks = []
+    for name in ("newuidmap", "newgidmap"):
+        path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if path is None:
+            checks.append(Check(FAIL, name, "not installed", "sudo apt-get install uidmap"))
+            continue
+        setuid = os.stat(path).st_mode & stat.S_ISUID
+        try:
+            capabilities = bool(os.getxattr(path, "security.capability"))
+        except OSError:
+            capabilities = False
+        if setuid or capabilities:
+            how = "setuid root" if setuid else "with file capabilities"
+            checks.append(Check(OK, name, f"{path}, {how}"))
+        else:
+            checks.append(Check(FAIL, name, f"{path} is neither setuid nor has file capabilities",
+                                f"sudo chmod u+s {path}"))
+    return checks
+
+
+def checkSession(user: pwd.struct_passwd, linger: str = LINGER) -> list[Check]:
+    runtime = f"/run/user/{user.pw_uid}"
+    lingers = os.path.exists(os.path.join(linger, user.pw_name))
+    checks = []
+    try:
+        st = os.stat(runtime)
+    except OSError:
+        checks.append(Check(FAIL, "runtime directory", f"{runtime} does not exist (not logged in, no linger)",
+                            f"sudo loginctl enable-linger {user.pw_name}"))
+    else:
+        if st.st_uid == user.pw_uid:
+            checks.append(Check(OK, "runtime directory", runtime))
+        else:
+            checks.append(Check(FAIL, "runtime directory", f"{runtime} belongs to uid {st.st_uid}",
+                                f"sudo loginctl terminate-user {user.pw_name}"))
+    if lingers:
+        checks.append(Check(OK, "linger", "on: the daemon keeps running after logout"))
+    else:
+        checks.append(Check(WARN, "linger", "off: the daemon stops at logout (unless the router starts it on demand)",
+                            f"sudo loginctl enable-linger {user.pw_name}"))
+    return checks
+
+
+def ping(path: str) -> tuple[Optional[int], str]:
+    """
+    Connect to C{path} and ask C{GET /_ping}: the daemon's uid (from
+    C{SO_PEERCRED}) and its answer, or C{None} and why not.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(PING_TIMEOUT)
+            sock.connect(path)
+            uid = _peerUid(sock)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            answer = b""
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+    except OSError as e:
+        return None, e.strerror or str(e)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
+    return uid, f"{status} {body.decode('utf-8', 'replace').strip()}".strip()
+
+
+def _peerUid(sock: socket.socket) -> int:
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+
+
+def pingAs(user: pwd.struct_passwd, path: str) -> tuple[Optional[int], str]:
+    """L{ping}, with C{user}'s rights: in this process, or a child with their uid."""
+    if os.geteuid() == user.pw_uid:
+        return ping(path)
+    child = subprocess.run(
+        [sys.executable, "-I", "-m", "dockerrouter.doctor", "ping", path],
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+        capture_output=True,
+        text=True,
+        timeout=PING_TIMEOUT * 2,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd="/",
+    )
+    try:
+        uid, said = json.loads(child.stdout)
+    except ValueError:
+        return None, (child.stderr.strip().splitlines() or ["the check failed"])[-1]
+    return uid, said
+
+
+def chainFor(user: pwd.struct_passwd, templates: tuple[str, ...]) -> list[str]:
+    """The user's socket paths; a template with other fields is left as it is."""
+    paths = []
+    for template in templates:
+        try:
+            paths.append(template.format(uid=user.pw_uid, user=user.pw_name, home=user.pw_dir))
+        except (KeyError, IndexError, ValueError):
+            paths.append(template)
+    return paths
+
+
+def checkChain(user: pwd.struct_passwd, templates: tuple[str, ...], asRoot: bool) -> tuple[list[Check], bool]:
+    """
+    Each socket of the user's chain, in the router's order: the first that
+    is there decides (a socket of someone else's is refused at once; one
+    that refuses lets the next be tried).  Also whether one answers.
+    """
+    checks, usable, decided, stale = [], False, False, False
+    eyes = f" (pinged as {user.pw_name})" if asRoot else ""
+    for path in chainFor(user, templates):
+        what = f"socket {path}"
+        if decided:
+            checks.append(Check(NOTE, what, "not tried (an earlier one decides)"))
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            checks.append(Check(NOTE, what, "missing"))
+            continue
+        except OSError as e:
+            checks.append(Check(WARN, what, f"cannot look: {e.strerror}"))
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            checks.append(Check(FAIL, what, "is not a socket", f"rm {path}"))
+            continue
+        if st.st_uid != user.pw_uid:
+            decided = True
+            checks.append(Check(FAIL, what, f"belongs to {_owner(st.st_uid)}, not to {user.pw_name}: "
+                                "docker-router refuses to connect you to it",
+                                f"rm {path} (and point it at your own daemon, or remove the link)"))
+            continue
+        uid, said = pingAs(user, path)
+        if uid is None:
+            checks.append(Check(WARN, what, f"yours, but refuses connections ({said}){eyes}"))
+            stale = True
+            continue
+        decided = True
+        if uid != user.pw_uid:
+            checks.append(Check(FAIL, what, f"answered by a daemon running as {_owner(uid)}, not as "
+                                f"{user.pw_name}: docker-router refuses it", f"rm {path}"))
+        elif said.split()[1:2] == ["200"]:
+            usable = True
+            checks.append(Check(OK, what, f"yours, answers _ping{eyes}"))
+        else:
+            checks.append(Check(FAIL, what, f"yours, but _ping said {said!r}{eyes}",
+                                "systemctl --user restart docker"))
+    if not usable and not decided:
+        checks.append(Check(FAIL, "daemon", "no socket of the chain answers", _startCommand(user, stale, asRoot)))
+    return checks, usable
+
+
+def _startCommand(user: pwd.struct_passwd, stale: bool, asRoot: bool) -> str:
+    """What starts the user's daemon: set it up first if it never was."""
+    unit = os.path.join(user.pw_dir, ".config", "systemd", "user", "docker.service")
+    if stale:
+        command = "systemctl --user restart docker"
+    elif os.path.exists(unit):
+        command = "systemctl --user start docker"
+    else:
+        tool = findSetupTool()
+        where = f"PATH={os.path.dirname(tool)}:$PATH " if os.path.isabs(tool) else ""
+        command = (f"{where}{os.path.basename(tool)} install --force && "
+                   "systemctl --user enable --now docker")
+    return f"as {user.pw_name}: {command}" if asRoot else command
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def checkSetupTool() -> Check:
+    tool = findSetupTool()
+    found = tool if os.path.isabs(tool) else shutil.which(tool)
+    if found is None:
+        return Check(WARN, "setup tool", f"{tool} not found", "sudo apt-get install docker.io rootlesskit")
+    return Check(OK, "setup tool", os.path.realpath(found))
+
+
+def checkClientConfig(user: pwd.struct_passwd, environ: Optional[dict]) -> list[Check]:
+    """DOCKER_HOST, DOCKER_CONTEXT, or a docker context that goes around the router."""
+    checks = []
+    if environ is None:
+        checks.append(Check(OK, "DOCKER_HOST", f"not checked: the environment is {user.pw_name}'s own"))
+    else:
+        host = environ.get("DOCKER_HOST")
+        if host and host.rstrip("/") not in ROUTER_HOSTS:
+            checks.append(Check(WARN, "DOCKER_HOST", f"{host} bypasses /var/run/docker.sock",
+                                "unset DOCKER_HOST (and remove it from your shell's profile)"))
+        else:
+            checks.append(Check(OK, "DOCKER_HOST", host or "not set"))
+        if environ.get("DOCKER_CONTEXT") not in (None, "", "default"):
+            checks.append(Check(WARN, "DOCKER_CONTEXT", f"{environ['DOCKER_CONTEXT']} bypasses /var/run/docker.sock",
+                                "unset DOCKER_CONTEXT"))
+    config = os.path.join(user.pw_dir, ".docker", "config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            context = json.load(f).get("currentContext")
+    except (OSError, ValueError, AttributeError):
+        context = None
+    if context not in (None, "", "default"):
+        checks.append(Check(WARN, "docker context", f"{context} (in {config}) bypasses /var/run/docker.sock",
+                            "docker context use default"))
+    else:
+        checks.append(Check(OK, "docker context", "default"))
+    return checks
+
+
+def configuredChain(path: str = CONFIG) -> tuple[str, ...]:
+    """The router's C{user-socket} from its configuration file, else the default chain."""
+    try:
+        with open(path, "rb") as f:
+            value = tomllib.load(f).get("user-socket")
+    except (OSError, ValueError):
+        value = None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return DEFAULT_CHAIN
+
+
+def diagnose(user: pwd.struct_passwd, templates: tuple[str, ...], environ: Optional[dict]) -> tuple[list[Check], bool]:
+    """Every check for C{user}; and whether they can use Docker."""
+    asRoot = os.geteuid() != user.pw_uid
+    checks = checkSubordinates(user) + checkIdMappers() + checkSession(user)
+    chain, usable = checkChain(user, templates, asRoot)
+    checks += chain
+    checks.append(checkSetupTool())
+    checks += checkClientConfig(user, environ)
+    return checks, usable and not any(c.status == FAIL for c in checks)
+
+
+def _lookUp(name: str) -> Optional[pwd.struct_passwd]:
+    """A user by name, or by number."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    try:
+        return pwd.getpwuid(int(name)) if name.isdigit() else None
+    except KeyError:
+        return None
+
+
+def run(name: Optional[str], config: str, out: TextIO, err: TextIO = sys.stderr) -> int:
+    """The C{doctor} subcommand: 0 when the user can use Docker, 1 when not, 2 on misuse."""
+    me = os.geteuid()
+    user = _lookUp(name) if name else pwd.getpwuid(me)
+    if user is None:
+        err.write(f"docker-router doctor: no user {name!r}\n")
+        return 2
+    if me not in (0, user.pw_uid):
+        err.write("docker-router doctor: only root can check another user\n")
+        return 2
+    environ = dict(os.environ) if me == user.pw_uid else None
+    checks, usable = diagnose(user, configuredChain(config), environ)
+    eyes = "" if me == user.pw_uid else f" (by root: files as root sees them, daemons pinged as {user.pw_name})"
+    out.write(f"docker-router doctor for {user.pw_name} (uid {user.pw_uid}){eyes}\n")
+    for check in checks:
+        out.write(check.line() + "\n")
+    out.write("Docker works for you through docker-router.\n" if usable
+              else "Docker can't be used yet: run the fixes above.\n")
+    return 0 if usable else 1
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ping"]:
+    # pingAs's child, running with the user's rights.
+    print(json.dumps(ping(sys.argv[2])))
