@@ -15,11 +15,23 @@ from twisted.internet import tcp
 from twisted.python import lockfile
 
 
+def raiseListenErrors(service) -> None:
+    """
+    Make a L{StreamServerEndpointService}'s C{privilegedStartService} raise
+    a listen failure, rather than log it and run on without the listener
+    (twistd then exits non-zero).
+
+    Assumes: C{_raiseSynchronously} does that, as C{strports.service} sets
+    it.
+    """
+    service._raiseSynchronously = True
+
+
 def listeningPort(service):
     """
     The port a L{StreamServerEndpointService} listens on, once its
-    C{privilegedStartService} has run (with C{_raiseSynchronously}, the
-    port or the failure is there at once).
+    C{privilegedStartService} has run (a Unix or adopted endpoint listens at
+    once).
 
     Assumes: the service keeps the endpoint's C{listen} Deferred as
     C{_waitingForPort}.

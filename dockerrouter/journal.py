@@ -67,8 +67,11 @@ def encode(fields: Mapping[str, object]) -> bytes:
 class JournalObserver:
     """
     Sends each event to journald as one entry.  The socket never blocks
-    the reactor: an entry journald has no room for is dropped.
+    the reactor: an entry journald has no room for is dropped, and the
+    next entry that gets through is preceded by how many were.
     """
+
+    dropped = 0
 
     def __init__(self, path: str = JOURNAL_SOCKET, pid: Optional[int] = None) -> None:
         self._path = path
@@ -77,7 +80,7 @@ class JournalObserver:
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
 
-    def fields(self, event: Mapping[str, Any]) -> dict[str, object]:
+    def fields(self, event: dict[str, Any]) -> dict[str, object]:
         level = event.get("log_level", LogLevel.info)
         fields: dict[str, object] = {
             "MESSAGE": (eventAsText(event, includeTimestamp=False, includeSystem=False) or "").rstrip("\n"),
@@ -93,11 +96,22 @@ class JournalObserver:
                 fields[field] = f"{value:.3f}" if name == "duration" else value
         return fields
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.dropped:
+            dropped = {"log_level": LogLevel.warn, "log_format": "journald was busy: {dropped} log entries dropped", "dropped": self.dropped}
+            if not self._send(dropped):
+                self.dropped += 1
+                return
+            self.dropped = 0
+        if not self._send(event):
+            self.dropped += 1
+
+    def _send(self, event: dict[str, Any]) -> bool:
         try:
             self._socket.sendto(encode(self.fields(event)), self._path)
         except OSError:
-            pass  # nowhere to say it: journald is gone or full
+            return False  # journald is gone, or its queue is full
+        return True
 
 
 def underJournal(environ: Mapping[str, str] = os.environ) -> bool:

@@ -60,7 +60,7 @@ class Notifier:
 
     def send(self, **fields: object) -> None:
         """Send C{NAME=value} lines, one per keyword."""
-        if self._socket is None:
+        if self._socket is None or self._address is None:
             return
         data = "".join(f"{name}={value}\n" for name, value in fields.items())
         try:

@@ -8,7 +8,7 @@ its re-reading and returns a few words for the log line.  Another concern
 """
 
 import signal
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 
@@ -31,7 +31,7 @@ class ReloadService(Service):
         self._reactor = reactor
         self.reloaders = list(reloaders)
         self._notifier = notifier
-        self._previous = None
+        self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()

@@ -26,6 +26,7 @@ from dockerrouter._compat import (
     guardStop,
     listeningPort,
     lockHolder,
+    raiseListenErrors,
 )
 from dockerrouter.backends import (
     DEFAULT_TEMPLATE,
@@ -247,11 +248,11 @@ class _ListeningService(StreamServerEndpointService):
     L{guardStop}).
     """
 
-    _raiseSynchronously = True
     log = RouterLogger()
 
     def __init__(self, description: str, endpoint, reactor, factory: RouterFactory) -> None:
         super().__init__(endpoint, factory)
+        raiseListenErrors(self)
         self.description = description
         self._reactor = reactor
 
@@ -264,7 +265,7 @@ class _ListeningService(StreamServerEndpointService):
                 dropOwnLock(path)
             reason = e.socketError
             if reason == "Cannot acquire lock":
-                reason = _anotherRouter(path and lockHolder(path))
+                reason = _anotherRouter(lockHolder(path) if path else None)
             raise _refuse(self.description, str(reason))
         except Exception as e:
             raise _refuse(self.description, str(e))

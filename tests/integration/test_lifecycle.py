@@ -52,24 +52,27 @@ class InstanceTests(IntegrationTestCase):
         self.harness.startBackend(UID_A, "http")
         self.assertServedBy(self.get(UID_A), UID_A, first)
 
-
-    def test_daemonizedRefusal(self):
-        """
-        Daemonized (no C{-n}), a router that can't listen makes twistd exit
-        non-zero with the reason, rather than leave its parent waiting.
-        """
-        result = subprocess.run(
+    def daemonized(self, listen):
+        """Run twistd daemonized (no C{-n}) on C{listen}, to its exit."""
+        return subprocess.run(
             twistdCommand()
             + [
                 "--pidfile=" + os.path.join(self.harness.tmp, "daemon.pid"),
                 "--logfile=" + os.path.join(self.harness.tmp, "daemon.log"),
                 "docker-router",
                 "--listen",
-                "unix:/proc/docker-router-test.sock",
+                listen,
             ],
             capture_output=True,
             timeout=60,
         )
+
+    def test_daemonizedRefusal(self):
+        """
+        Daemonized (no C{-n}), a router that can't listen makes twistd exit
+        non-zero with the reason, rather than leave its parent waiting.
+        """
+        result = self.daemonized("unix:/proc/docker-router-test.sock")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(b"cannot listen on unix:/proc/docker-router-test.sock", result.stderr)
 
@@ -79,18 +82,7 @@ class InstanceTests(IntegrationTestCase):
         pid that holds the socket (not twistd's truncated bytes repr).
         """
         first = self.harness.startRouter()
-        result = subprocess.run(
-            twistdCommand()
-            + [
-                "--pidfile=" + os.path.join(self.harness.tmp, "daemon.pid"),
-                "--logfile=" + os.path.join(self.harness.tmp, "daemon.log"),
-                "docker-router",
-                "--listen",
-                "unix:%s:mode=666:lockfile=1" % (self.harness.listenPath,),
-            ],
-            capture_output=True,
-            timeout=60,
-        )
+        result = self.daemonized("unix:%s:mode=666:lockfile=1" % (self.harness.listenPath,))
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(
             result.stderr.decode(),
@@ -234,6 +226,29 @@ class SocketActivationTests(IntegrationTestCase):
         router.process.send_signal(signal.SIGTERM)
         self.assertIn(router.waitExit(20), CLEAN_EXITS, router.evidence())
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode), "the socket's path is gone")
+
+    def test_refusesADatagramSocket(self):
+        """
+        A socket handed over that is not a Unix stream socket (here
+        C{ListenDatagram=}) is refused in one line.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            self.skipTest("no systemd-socket-activate")
+        path = self.harness.listenPath
+        router = self.harness.startRouter(
+            wrapper=[activate, "--datagram", "-l", path, "--fdname=docker.sock"],
+            listen="systemd:domain=UNIX:index=0",
+            ready=False,
+        )
+        pollUntil(lambda: os.path.exists(path), 10, what="the datagram socket")
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", path)
+        self.assertNotEqual(router.waitExit(20), 0, router.evidence())
+        self.assertIn(
+            "docker-router: cannot listen on systemd:domain=UNIX:index=0: systemd handed "
+            "over a AF_UNIX/SOCK_DGRAM socket, not a Unix stream socket",
+            router.output(),
+        )
 
     def test_socketSurvivesRestart(self):
         """

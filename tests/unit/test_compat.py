@@ -13,10 +13,11 @@ import socket
 import tempfile
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application import app
+from twisted.application import app, strports
 from twisted.internet import reactor, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import lockfile
 from twisted.trial.unittest import TestCase
@@ -68,10 +69,21 @@ class PortTests(TestCase):
         port = reactor.adoptStreamPort(ours.fileno(), socket.AF_UNIX, self.factory)
         return ours, port
 
+    def test_raiseListenErrors(self):
+        """
+        A service told to raises the listen failure from
+        C{privilegedStartService}, as C{strports.service} makes it.
+        """
+        self.assertTrue(strports.service("unix:" + self.path, self.factory)._raiseSynchronously)
+        missing = os.path.join(self.path, "nowhere", "s.sock")
+        service = StreamServerEndpointService(UNIXServerEndpoint(reactor, missing), self.factory)
+        _compat.raiseListenErrors(service)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
     def test_listeningPort(self):
         """The service keeps its port where L{listeningPort} looks."""
         service = StreamServerEndpointService(UNIXServerEndpoint(reactor, self.path), self.factory)
-        service._raiseSynchronously = True
+        _compat.raiseListenErrors(service)
         service.privilegedStartService()
         port = _compat.listeningPort(service)
         self.assertEqual(os.fsdecode(port.getHost().name), self.path)

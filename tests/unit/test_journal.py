@@ -122,10 +122,24 @@ class JournalTests(SynchronousTestCase):
         self.assertIn("\n", failure["MESSAGE"])
         self.assertEqual(len(huge["MESSAGE"]), journal.MAX_VALUE)
 
-    def test_noJournalNoError(self) -> None:
-        """Nobody listening: the line is dropped, nothing raised."""
-        self.journal.close()
-        self.log.info("lost")
+    def test_dropsAreCounted(self) -> None:
+        """
+        Entries journald has no room for are dropped without blocking, and
+        the next entry that gets through is preceded by their count.
+        """
+        logged = 0
+        while not self.observer.dropped:
+            self.log.info("{x}", x="y" * journal.MAX_VALUE)
+            logged += 1
+        self.log.info("lost too")
+        self.assertEqual(self.observer.dropped, 2)
+        self.assertEqual(len(self.entries()), logged - 1)
+        self.log.info("back")
+        entries = self.entries()
+        self.assertEqual(
+            [(e["MESSAGE"], e["PRIORITY"]) for e in entries],
+            [("journald was busy: 2 log entries dropped", "4"), ("back", "6")],
+        )
 
     def test_underJournal(self) -> None:
         st = os.fstat(2)
