@@ -289,7 +289,7 @@ class Starter:
         self._step(attempt, self.run(self._userCommand(attempt, "start", *units)), self._unitsStarted)
 
     def _unitsStarted(self, attempt: _Attempt, result: ProcessResult) -> None:
-        if self._failed(attempt, result, "systemctl --user start " +  " ".join(attempt.units)):
+        if self._failed(attempt, result, "systemctl --user start " + " ".join(attempt.units)):
             return
         attempt.child = None
         self._poll(attempt)

@@ -61,6 +61,16 @@ class FileTests(SynchronousTestCase):
                 self.parse(text)
             self.assertIn(expected, str(caught.exception))
 
+    def test_start(self) -> None:
+        """start = "systemd" reaches the settings; anything else is refused with its line."""
+        options = self.parse('start = "systemd"\nstart-timeout = 12\n')
+        settings = config.settingsFrom(options, MemoryReactorClock(), 1024, lambda text: None)
+        self.assertEqual((settings.start, settings.startTimeout), ("systemd", 12.0))
+        self.assertIsNone(config.settingsFrom(self.parse(""), MemoryReactorClock(), 1024, print).start)
+        with self.assertRaises(UsageError) as caught:
+            self.parse('\nstart = "sysvinit"\n')
+        self.assertIn("line 2: start: 'sysvinit': the only way to start a daemon is systemd", str(caught.exception))
+
     def test_defaultPathOnlyWhenThere(self) -> None:
         self.patch(config, "DEFAULT_PATH", self.write("max-connections-per-user = 9\n"))
         options = Options()

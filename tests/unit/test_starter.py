@@ -7,10 +7,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from twisted.python.failure import Failure
+
+from dockerrouter import starter
 from dockerrouter.backends import Backend
-from dockerrouter.starter import NotEnabled, StartFailed, Starter, StartTimedOut
+from dockerrouter.starter import NotEnabled, StartFailed, Starter, StartTimedOut, processRunner
 
 ALICE = Backend("/run/user/1001/docker.sock", 1001, "alice")
 BOB = Backend("/run/user/1002/docker.sock", 1002, "bob")
@@ -197,3 +200,30 @@ class StarterTests(SynchronousTestCase):
             self.clock.advance(0.1)
         self.assertEqual(len(events), 1)
         self.assertIn("started docker.service of user alice", formatEvent(events[0]))
+
+
+class ProcessRunnerTests(TestCase):
+    """The real child processes (the reactor is never blocked on them)."""
+
+    def test_outputAndStatus(self) -> Deferred:
+        from twisted.internet import reactor
+
+        d = processRunner(reactor)(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+        return d.addCallback(self.assertEqual, (b"out\n", b"err\n", 3))
+
+    def test_cancelKills(self) -> Deferred:
+        """A start that timed out kills its hanging systemctl."""
+        from twisted.internet import reactor
+
+        ended: Deferred = Deferred()
+        original = starter._Collect.processEnded
+
+        def processEnded(collect: starter._Collect, reason: Failure) -> None:
+            original(collect, reason)
+            ended.callback(reason.value)
+
+        self.patch(starter._Collect, "processEnded", processEnded)
+        d = processRunner(reactor)(["/bin/sleep", "30"])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        return ended.addCallback(lambda ending: self.assertEqual(ending.signal, 9))
