@@ -55,6 +55,7 @@ def test_firstDockerPsStartsTheDaemon(m):
     assert (ps.returncode, ps.stdout, ps.stderr) == (0, "", ""), startLines(m)
     [line] = startLines(m)
     assert f"started docker.service of user {USER} (uid {uid})" in line
+    print(line)  # how long the start took (pytest -s shows it)
     ran = m.run(f"docker run --rm {IMAGE} echo started on demand", user=USER, timeout=120)
     assert ran.stdout == "started on demand\n"
     # It keeps running: logind, which has no session of the user, doesn't
