@@ -135,9 +135,10 @@ def _lastLine(data: bytes) -> str:
 class _Attempt:
     """One start of one user's daemon, and the connections waiting on it."""
 
-    def __init__(self, backend: Backend, began: float) -> None:
+    def __init__(self, backend: Backend, began: float, ready: Callable[[], bool]) -> None:
         self.backend = backend
         self.began = began
+        self.ready = ready
         self.units: list[str] = []
         self.waiting: list[Deferred] = []
         self.child: Optional[Deferred] = None
@@ -185,10 +186,14 @@ class Starter:
         # uid -> (until when, what to answer meanwhile)
         self._cooling: dict[int, tuple[float, Optional[BackendUnusable]]] = {}
 
-    def start(self, backend: Backend, timeout: float) -> "Deferred[Optional[BackendUnusable]]":
+    def start(
+        self, backend: Backend, timeout: float, ready: Optional[Callable[[], bool]] = None
+    ) -> "Deferred[Optional[BackendUnusable]]":
         """
         Start the daemon of C{backend}'s user, or join the start in flight.
 
+        @param ready: whether a daemon of the user answers now (for a chain
+            of sockets: any of them); default: the probe, at C{backend}.
         @return: fires with C{None} when it is worth connecting again (a
             daemon answers, or no start was made: the client's own reason
             stands), or with the reason to answer the client.  Cancelling
@@ -207,7 +212,7 @@ class Starter:
         if attempt is None:
             if uid < self.uidMin:
                 return self._refuse(backend, f"uid {uid} is below UID_MIN {self.uidMin}")
-            attempt = self._attempts[uid] = _Attempt(backend, now)
+            attempt = self._attempts[uid] = _Attempt(backend, now, ready or (lambda: self.probe(backend)))
 
         def stopWaiting(d: Deferred) -> None:
             if d in attempt.waiting:
@@ -297,7 +302,7 @@ class Starter:
     def _poll(self, attempt: _Attempt) -> None:
         """A unit may answer a moment after systemctl returns (Type=simple)."""
         attempt.poll = None
-        if self.probe(attempt.backend):
+        if attempt.ready():
             self._finish(attempt, "started", None)
         else:
             attempt.poll = self.reactor.callLater(_POLL, self._poll, attempt)

@@ -88,6 +88,18 @@ class StarterTests(SynchronousTestCase):
         self.assertEqual(self.starter.counts["started"], 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_readyOfTheCaller(self) -> None:
+        """For a chain, the caller says what answering means."""
+        fired: list = []
+        podman: list[bool] = []
+        self.starter.start(ALICE, 30.0, ready=lambda: bool(podman)).addCallback(fired.append)
+        self.startAll()
+        self.clock.advance(0.1)
+        self.assertEqual(fired, [])
+        podman.append(True)
+        self.clock.advance(0.1)
+        self.assertEqual(fired, [None])
+
     def test_oneStartInFlightPerUser(self) -> None:
         first, second = self.start(), self.start()
         bob = self.start(BOB)
