@@ -3,6 +3,7 @@
 #
 #   bash .ci/rootless-docker.sh start   # as root; safe to run again while they run
 #   bash .ci/rootless-docker.sh stop    # as root; safe when nothing runs
+#   bash .ci/rootless-docker.sh rootfs  # prints the path of the busybox image's tar (the system tests)
 #
 # start: installs what is missing (Debian 12), makes the test users dr-alice and dr-bob (each with
 # a rootless daemon at /run/user/<uid>/docker.sock and a local busybox image) and dr-carol (no
@@ -227,5 +228,6 @@ stop() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+    rootfs) install -d -m 0755 "$STATE" && rootfsTar ;;
+    *) echo "usage: $0 start|stop|rootfs" >&2; exit 2 ;;
 esac

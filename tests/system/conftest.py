@@ -1,0 +1,126 @@
+"""
+Fixtures for the system tests: a booted Debian 12 machine (L{machine.Machine})
+and the steps of README.md run in it.
+
+Plain pytest functions, not pytest-twisted: every step is a command in the
+machine that must finish before the next, and the one concurrent part (two
+users' C{docker ps} loops during restarts) is a pair of child processes; a
+reactor would add nothing but a second way to wait.
+
+Without C{DOCKERROUTER_SYSTEM=1} the tests skip; with it, a missing
+C{systemd-nspawn} or C{mmdebstrap} (or not being root) is a failure. As root::
+
+    apt-get install -y mmdebstrap systemd-container
+    DOCKERROUTER_SYSTEM=1 .venv/bin/python -m pytest -p no:cacheprovider tests/system
+"""
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import readme  # noqa: E402
+from machine import Machine, missingTools  # noqa: E402
+
+REQUIRED = os.environ.get("DOCKERROUTER_SYSTEM") == "1"
+IMAGE = "dr-busybox:latest"
+DAEMON_DEADLINE = 60
+
+
+def _available():
+    if not REQUIRED:
+        pytest.skip("system tests boot a Debian 12 machine: set DOCKERROUTER_SYSTEM=1 (as root) to run them")
+    problems = missingTools()
+    if os.geteuid() != 0:
+        problems.append("root")
+    if problems:
+        pytest.fail(f"DOCKERROUTER_SYSTEM=1 but missing: {', '.join(problems)} "
+                    "(apt-get install mmdebstrap systemd-container; run as root)", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """
+    A failed test's report ends with the journal of the machine it used.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Machine) and value.leader is not None:
+                units = "-u docker-router.socket -u docker-router.service"
+                tail = value.run(f"journalctl --no-pager -n 150 {units}", check=False).stdout
+                report.sections.append(("docker-router units in the machine's journal", tail))
+
+
+@pytest.fixture
+def machine():
+    """
+    A freshly booted machine, removed after the test.
+    """
+    _available()
+    m = Machine()
+    try:
+        yield m.boot()
+    finally:
+        m.shutdown()
+
+
+def pollUntil(check, deadline, what):
+    """
+    Call C{check} until it returns something true, or fail after C{deadline}
+    seconds.
+    """
+    end = time.monotonic() + deadline
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {deadline}s: {what}")
+        time.sleep(0.1)
+
+
+def installRouter(m):
+    """
+    README's install command, as root, in the clone of the repository.
+    """
+    m.run("cd /root/docker-router && " + readme.installRouter(), timeout=600)
+
+
+def installDocker(m):
+    """
+    README's per-host rootless Docker packages, as root.
+    """
+    m.run(readme.installDocker(), timeout=600)
+
+
+def addUser(m, name, daemon=True):
+    """
+    A new user who, logged in, runs README's per-user steps verbatim (with
+    C{sudo} allowed for C{loginctl} only, as an admin would do it for them),
+    and then has the busybox image, imported through the router.
+
+    @return: the user's uid.
+    """
+    m.run(f"useradd --create-home --shell /bin/bash {name} && "
+          f"echo '{name} ALL=(root) NOPASSWD: /usr/bin/loginctl' >/etc/sudoers.d/{name}")
+    uid = int(m.run(f"id -u {name}").stdout)
+    if not daemon:
+        return uid
+    setup = m.login(name, readme.userSetup())
+    status = m.run(f"loginctl show-user {name} -p Linger; XDG_RUNTIME_DIR=/run/user/{uid} "
+                   "systemctl --user is-enabled docker", user=name, check=False).stdout
+    assert status.split() == ["Linger=yes", "enabled"], (
+        f"{name} after README's steps: {status}\n{setup.stdout}\n{setup.stderr}")
+    # The user unit is Type=simple: enabled and started, it answers a moment later.
+    pollUntil(lambda: m.run(f"test -S /run/user/{uid}/docker.sock", check=False).returncode == 0,
+              DAEMON_DEADLINE, f"{name}'s rootless dockerd at /run/user/{uid}/docker.sock\n"
+                               f"{setup.stdout}\n{setup.stderr}")
+    tar = m.run("cd /root/docker-router && DR_E2E_STATE=/var/tmp/dr bash .ci/rootless-docker.sh rootfs "
+                "&& chmod 0644 /var/tmp/dr/*.tar").stdout.strip()
+    m.run(f"docker import - {IMAGE} <{tar}", user=name, timeout=120)
+    return uid
