@@ -264,14 +264,14 @@ def findSetupTool(
 ) -> str:
     """
     The command that sets up a rootless daemon on this host: its bare name
-    when it is on PATH (or nowhere to be found), else its full path where
-    the distribution put it.  Looked for once, at start.
+    when it is on PATH (or nowhere to be found), else the name with its
+    directory put on PATH: the tool runs C{dockerd-rootless.sh}, which the
+    distribution keeps beside it, by name.  Looked for once, at start.
     """
     if which(SETUP_TOOL) is None:
         for directory in directories:
-            candidate = os.path.join(directory, SETUP_TOOL)
-            if os.access(candidate, os.X_OK):
-                return candidate
+            if os.access(os.path.join(directory, SETUP_TOOL), os.X_OK):
+                return f"PATH={directory}:$PATH {SETUP_TOOL}"
     return SETUP_TOOL
 
 

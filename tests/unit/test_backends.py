@@ -244,8 +244,8 @@ class AdviceTests(SynchronousTestCase):
 
     def test_setupToolWhereDebianPutsIt(self) -> None:
         """
-        Issue 8.7: Debian's docker.io keeps it out of PATH; the advice names
-        its full path.
+        Issue 8.7: Debian's docker.io keeps it out of PATH; the advice puts
+        its directory on PATH (the tool runs its sibling scripts by name).
         """
         directory = self.mktemp()
         os.mkdir(directory)
@@ -254,9 +254,9 @@ class AdviceTests(SynchronousTestCase):
             f.write("#!/bin/sh\n")
         os.chmod(tool, 0o755)
         found = findSetupTool(which=lambda name: None, directories=("/nonexistent", directory))
-        self.assertEqual(found, tool)
+        self.assertEqual(found, f"PATH={directory}:$PATH {SETUP_TOOL}")
         message = Advice(setupTool=found).render(NoDaemon(ALICE))
-        self.assertIn(f"`{tool} install --force`", message)
+        self.assertIn(f"`PATH={directory}:$PATH {SETUP_TOOL} install --force`", message)
         self.assertEqual(findSetupTool(which=lambda name: None, directories=()), SETUP_TOOL)
 
     def test_siteTextReplaces(self) -> None:
