@@ -37,6 +37,7 @@ from dockerrouter.backends import (
 from dockerrouter.credentials import Credentials, peerCredentials
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
+from dockerrouter.budget import Budget
 from dockerrouter.splice import PipePool, Splicer
 
 # How soon to try again a daemon whose listen backlog is full.
@@ -124,6 +125,8 @@ class ServerProtocol(Protocol):
             self.transport.getHandle(),
             daemon,
             self._relayEnded,
+            self.factory.budget,
+            self.backend.uid,
         )
         self.transport = None
         self._splicer.start()
@@ -228,6 +231,7 @@ class RouterFactory(Factory):
 
     def stopFactory(self) -> None:
         self.pipes.close()
+        self.budget.stop()
 
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""
@@ -240,13 +244,19 @@ class RouterFactory(Factory):
         connectTimeout: float,
         maxConnections: Optional[int] = None,
         maxConnectionsPerUser: Optional[int] = None,
+        budget: Optional[Budget] = None,
     ) -> None:
+        """
+        @param budget: the kernel memory relays may hold in flight; by
+            default L{Budget}'s defaults.
+        """
         self.reactor = reactor
         self.resolver = resolver
         self.connectTimeout = connectTimeout
         self.maxConnections = maxConnections
         self.maxConnectionsPerUser = maxConnectionsPerUser
         self.pipes = PipePool()
+        self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
