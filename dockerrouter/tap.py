@@ -21,6 +21,7 @@ from dockerrouter.backends import (
     RecentNames,
     SubordinateIds,
 )
+from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.logging import RouterLogger
 from dockerrouter.relay import RouterFactory
@@ -95,6 +96,21 @@ class Options(usage.Options):
             None,
             "Connections in total; more get HTTP 429. "
             "[default: what the descriptor limit allows]",
+            _count,
+        ],
+        [
+            "max-in-flight-per-user",
+            None,
+            DEFAULT_PER_USER // MiB,
+            "MiB of kernel memory (big pipes, grown socket buffers) one user's "
+            "bulk transfers may hold; beyond it they go at the pace of small buffers.",
+            _count,
+        ],
+        [
+            "max-in-flight",
+            None,
+            DEFAULT_TOTAL // MiB,
+            "MiB of kernel memory all bulk transfers together may hold.",
             _count,
         ],
         [
@@ -275,6 +291,11 @@ def makeService(options: Options, reactor: Optional[object] = None) -> MultiServ
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(limit),
         maxConnectionsPerUser=options["max-connections-per-user"],
+        budget=Budget(
+            reactor,
+            perUser=options["max-in-flight-per-user"] * MiB,
+            total=options["max-in-flight"] * MiB,
+        ),
     )
     top = MultiService()
     _DrainService(factory, options["shutdown-timeout"]).setServiceParent(top)
