@@ -313,7 +313,7 @@ class Splicer:
         """
         A bulk transfer: let the kernel queue more per call, as a C relay's
         larger buffers do, if the budget lends it; small exchanges never
-        get here and pay nothing for it.
+        get here.
         """
         if not self._budget.take(d, self._uid, GRANT):
             return False
@@ -330,8 +330,8 @@ class Splicer:
         held, so it is still charged).
         """
         try:
-            if queued(d.sink.sock) > 2 * SMALL_SNDBUF:
-                return
+            if queued(d.sink.sock) > SMALL + 2 * SMALL_SNDBUF:
+                return  # more than a small direction may leave there
             d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
         except OSError:
             pass  # the sink is gone: its relay is ending
