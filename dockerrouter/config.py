@@ -29,8 +29,9 @@ from dockerrouter.limits import connectionsFor
 
 DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
 
-# Options that take a restart: what the router listens on.
-RESTART_ONLY = ("listen", "metrics", "control")
+# Options that take a restart: what the router listens on, and the in-flight
+# budget live relays hold grants of.
+RESTART_ONLY = ("listen", "metrics", "control", "max-in-flight", "max-in-flight-per-user")
 REPEATABLE = ("listen", "metrics")
 
 

@@ -41,6 +41,7 @@ from dockerrouter.backends import (
 from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.errors import ErrorResponder
+from dockerrouter.budget import Budget
 from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
 from dockerrouter.splice import PipePool, Splicer
 from dockerrouter.visibility import Viewer, look
@@ -165,6 +166,8 @@ class ServerProtocol(Protocol):
             self.transport.getHandle(),
             daemon,
             self._relayEnded,
+            self.factory.budget,
+            self.backend.uid,
         )
         dropTransport(self.transport)
         self.transport = None
@@ -292,6 +295,7 @@ class RouterFactory(Factory):
     def stopFactory(self) -> None:
         self.pipes.close()
         self.rejections.stop()
+        self.budget.stop()
 
     def userCount(self) -> int:
         """How many users hold live connections."""
@@ -308,10 +312,16 @@ class RouterFactory(Factory):
         connectTimeout: float,
         maxConnections: Optional[int] = None,
         maxConnectionsPerUser: Optional[int] = None,
+        budget: Optional[Budget] = None,
     ) -> None:
+        """
+        @param budget: the kernel memory relays may hold in flight; by
+            default L{Budget}'s defaults.
+        """
         self.reactor = reactor
         self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
         self.pipes = PipePool()
+        self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []

@@ -31,6 +31,7 @@ from dockerrouter._compat import (
     raiseListenErrors,
 )
 from dockerrouter.backends import DEFAULT_TEMPLATE
+from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
 from dockerrouter.config import FileOptions, Reloader, settingsFrom
 from dockerrouter.control import DEFAULT_CONTROL, controlSite
@@ -112,6 +113,21 @@ class Options(FileOptions):
             None,
             "Connections in total; more get HTTP 429. "
             "[default: what the descriptor limit allows]",
+            _count,
+        ],
+        [
+            "max-in-flight-per-user",
+            None,
+            DEFAULT_PER_USER // MiB,
+            "MiB of kernel memory (big pipes, grown socket buffers) one user's "
+            "bulk transfers may hold; beyond it they go at the pace of small buffers.",
+            _count,
+        ],
+        [
+            "max-in-flight",
+            None,
+            DEFAULT_TOTAL // MiB,
+            "MiB of kernel memory all bulk transfers together may hold.",
             _count,
         ],
         [
@@ -392,7 +408,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
     settings = settingsFor(options)
-    factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
+    factory = RouterFactory(
+        reactor,
+        settings.resolver,
+        settings.connectTimeout,
+        budget=Budget(
+            reactor,
+            perUser=options["max-in-flight-per-user"] * MiB,
+            total=options["max-in-flight"] * MiB,
+        ),
+    )
     factory.settings = settings
 
     def reloadSubordinates() -> str:

@@ -39,6 +39,9 @@ class FakeSocket:
         c = self.credentials
         return _UCRED.pack(c.pid, c.uid, c.gid)
 
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self._sock.setsockopt(level, option, value)
+
 
 class PeerTransport(StringTransport):
     """

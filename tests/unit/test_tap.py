@@ -168,6 +168,15 @@ class ServiceTests(SynchronousTestCase):
             [(path, DEFAULT_BACKLOG, 0o666), (other, 7, 0o666)],
         )
 
+    def test_inFlightBudget(self) -> None:
+        """The in-flight options, in MiB, reach the factory's budget."""
+        options = parse("--max-in-flight-per-user", "8", "--max-in-flight", "64")
+        service = makeService(options, reactor=_ListeningReactor())
+        [factory] = {child.factory for child in service if hasattr(child, "factory")}
+        self.assertEqual((factory.budget.perUser, factory.budget.total), (8 << 20, 64 << 20))
+        defaults = parse()
+        self.assertEqual((defaults["max-in-flight-per-user"], defaults["max-in-flight"]), (16, 256))
+
     def test_withBacklog(self) -> None:
         self.assertEqual(withBacklog("unix:/x"), f"unix:/x:backlog={DEFAULT_BACKLOG}")
         self.assertEqual(withBacklog("unix:/x:backlog=9"), "unix:/x:backlog=9")
