@@ -329,7 +329,7 @@ class Advice:
         )
         problem = reason.template.format(**fields)
         if reason.advice is None:
-            return problem + "."
+            return problem.rstrip(".") + "."
         own = reason.advice.format(**fields)
         if self.site is not None:
             own = self.site.replace("{advice}", own) if "{advice}" in self.site else self.site

@@ -179,9 +179,6 @@ class Rule:
     owner: Optional[Match] = None
     deny: Optional[str] = None
 
-    def needsGroups(self) -> bool:
-        return bool(self.groups)
-
     def matches(self, uid: int, gids: frozenset[int], lookups: Lookups) -> bool:
         """
         Whether the rule is for a client of C{uid} in the groups C{gids}.
@@ -258,6 +255,8 @@ def parseRules(tables: Any, where: Callable[[int], str], checkTemplate: Callable
             except ValueError as e:
                 raise RuleError(f"{at}: {e}")
         if owner is not None:
+            if isinstance(owner, list):
+                raise RuleError(f"{at}: owner must be one uid or user name")
             (owner,) = _matches({"owner": owner}, "owner", at, numbers=False)
         rules.append(Rule(at, uids, users, groups, tuple(sockets), owner))
     return tuple(rules)
