@@ -124,9 +124,9 @@ class BackendResolver:
                 if rule.owner is not None:
                     named = rule.owner if isinstance(rule.owner, int) else self.lookups.uid(rule.owner)
                     if named is None:
-                        raise BackendUnusable(
-                            Backend(templates[0], uid, account.name),
-                            f"{rule.where} names owner {rule.owner!r}, who is not in the user database",
+                        raise NoRoute(
+                            Backend("-", uid, account.name),
+                            f"the rule names owner {rule.owner!r}, who is not in the user database",
                         )
                     owner = named
                 break
@@ -136,9 +136,9 @@ class BackendResolver:
             if account.home is not None or "{home}" not in template
         )
         if not candidates:
-            raise BackendUnusable(
-                Backend(templates[0], uid, account.name, owner, templates[0]),
-                "the user has no home directory in the user database",
+            raise NoRoute(
+                Backend("-", uid, account.name, owner),
+                "every socket path needs a home directory, and the user database has none",
             )
         return Route(candidates)
 
@@ -508,6 +508,14 @@ class Denied(BackendUnusable):
     status = 403
     aboutThePath = False
     template = "{detail}"
+
+
+class NoRoute(BackendUnusable):
+    """The configuration leaves a client no path to try (a rule's mistake)."""
+
+    aboutThePath = False
+    template = "docker-router has no Docker daemon socket to try for user {user} (uid {uid}): {detail}"
+    advice = "ask the administrator to check docker-router's configuration"
 
 
 class LookupFailed(BackendUnusable):

@@ -239,7 +239,6 @@ class ServerProtocol(Protocol):
         """
         self._reject(reason)
 
-
     def _forTheUser(self, reason: BackendUnusable) -> BackendUnusable:
         """C{reason} as the client may read it (see L{forTheUser})."""
         if not reason.aboutThePath:

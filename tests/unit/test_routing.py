@@ -5,14 +5,14 @@ Rules, the default chain and the user database lookups routing needs.
 import threading
 
 from twisted.internet import reactor as globalReactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dockerrouter import config
-from dockerrouter.backends import Backend, BackendResolver, Denied, Route
+from dockerrouter.backends import Backend, BackendResolver, Denied, NoRoute, Route
 from dockerrouter.credentials import Credentials
 from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
 from dockerrouter.tap import Options
@@ -56,6 +56,9 @@ class DefaultChainTests(SynchronousTestCase):
         """A uid without an entry has no {home}: that candidate is left out."""
         route = BackendResolver().resolve(Credentials(pid=1, uid=2**31 - 7, gid=0))
         self.assertEqual(len(route.candidates), 2)
+        with self.assertRaises(NoRoute) as caught:
+            BackendResolver("{home}/d.sock").resolve(Credentials(pid=1, uid=2**31 - 7, gid=0))
+        self.assertIn("the user database has none", caught.exception.message)
 
 
 class RuleTests(SynchronousTestCase):
@@ -129,6 +132,13 @@ class RuleTests(SynchronousTestCase):
         child = Credentials(pid=6, uid=100998, gid=998)
         route = self.resolve(child, groups=(998,), subordinates=Subordinates())
         self.assertEqual([b.path for b in route.candidates], ["/srv/alice/a.sock", "/srv/1000/b.sock"])
+
+    def test_unknownOwner(self) -> None:
+        """An owner name the user database does not know routes nowhere."""
+        resolver = BackendResolver(lookups=lookups(), rules=rules('[[rule]]\nuid = 1000\nuser-socket = ["/a"]\nowner = "nobody-here"'))
+        with self.assertRaises(NoRoute) as caught:
+            resolver.resolve(ALICE)
+        self.assertIn("owner 'nobody-here', who is not in the user database", caught.exception.message)
 
     def test_mistakes(self) -> None:
         for text, expected in [
