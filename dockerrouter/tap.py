@@ -30,10 +30,9 @@ from dockerrouter._compat import (
     lockHolder,
     raiseListenErrors,
 )
-from dockerrouter.backends import DEFAULT_TEMPLATE
 from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
-from dockerrouter.config import FileOptions, Reloader, settingsFrom
+from dockerrouter.config import FileOptions, Reloader, checkTemplate, settingsFrom
 from dockerrouter.control import DEFAULT_CONTROL, controlSite
 from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.logging import FileLogsService, RouterLogger
@@ -80,12 +79,6 @@ class Options(FileOptions):
     )
 
     optParameters = [
-        [
-            "user-socket",
-            None,
-            DEFAULT_TEMPLATE,
-            "Path of each user's daemon socket; {uid} and {user} are filled in.",
-        ],
         [
             "connect-timeout",
             None,
@@ -177,6 +170,9 @@ class Options(FileOptions):
         super().__init__()
         self["listen"] = []
         self["metrics"] = []
+        self["user-socket"] = []
+        # [[rule]] tables: only the configuration file has them.
+        self["rule"] = ()
 
     def opt_version(self) -> None:
         """
@@ -191,6 +187,15 @@ class Options(FileOptions):
         [default: unix:/var/run/docker.sock:mode=666:lockfile=1]
         """
         self["listen"].append(description)
+
+    def opt_user_socket(self, template: str) -> None:
+        """
+        A socket where each user's daemon may listen, tried in the order
+        given (repeatable); {uid}, {user} and {home} are filled in.
+        [default: /run/user/{uid}/docker.sock, /run/user/{uid}/podman/podman.sock,
+        {home}/.docker/run/docker.sock]
+        """
+        self["user-socket"].append(template)
 
     def opt_metrics(self, description: str) -> None:
         """
@@ -207,19 +212,11 @@ class Options(FileOptions):
             checkEndpoint(self["control"], "control")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        _checkTemplate(self["user-socket"])
-
-
-def _checkTemplate(template: str) -> None:
-    try:
-        path = template.format(uid=0, user="root")
-    except (KeyError, IndexError, ValueError) as e:
-        raise usage.UsageError(
-            f"bad --user-socket {template!r}: only {{uid}} and {{user}} can be "
-            f"filled in ({e!r})"
-        )
-    if not os.path.isabs(path):
-        raise usage.UsageError(f"--user-socket must be an absolute path: {template!r}")
+        for template in self["user-socket"]:
+            try:
+                checkTemplate(template)
+            except ValueError as e:
+                raise usage.UsageError(str(e))
 
 
 class CannotListen(Exception):

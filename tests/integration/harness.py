@@ -154,7 +154,11 @@ class Child:
     it ends when we do.
     """
 
-    def __init__(self, harness, name, conf, uid=None):
+    def __init__(self, harness, name, conf, uid=None, gid=None, groups=()):
+        """
+        @param gid: its primary group (default: C{uid}).
+        @param groups: its supplementary groups.
+        """
         self.name = name
         self.uid = uid
         self.events = []
@@ -163,8 +167,8 @@ class Child:
         stderr = open(self.stderrPath, "wb")
         drop = {}
         if uid is not None:
-            # extra_groups=[] so the child does not keep root's groups.
-            drop = dict(user=uid, group=uid, extra_groups=[])
+            # extra_groups so the child does not keep root's groups.
+            drop = dict(user=uid, group=uid if gid is None else gid, extra_groups=list(groups))
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-I", "-c", childSource(), json.dumps(conf)],
@@ -303,8 +307,8 @@ class Agent(Child):
     A client running as some uid, driven one command at a time.
     """
 
-    def __init__(self, harness, name, uid):
-        Child.__init__(self, harness, name, dict(role="agent"), uid)
+    def __init__(self, harness, name, uid, gid=None, groups=()):
+        Child.__init__(self, harness, name, dict(role="agent"), uid, gid, groups)
         self.ready = self.waitReady()
         self._next = len(self.events)
 
@@ -629,8 +633,9 @@ class Harness:
         record = os.path.join(where, "%s.record" % (self._name("decoy"),))
         return self.startBackend(uid, "record", path, record=record)
 
-    def startAgent(self, uid):
-        return Agent(self, self._name("agent-%d" % (uid,)), None if uid == 0 else uid)
+    def startAgent(self, uid, gid=None, groups=()):
+        """A client of C{uid}, in primary group C{gid} and C{groups} if given."""
+        return Agent(self, self._name("agent-%d" % (uid,)), None if uid == 0 else uid, gid, groups)
 
     def startEchoLoop(self, uid, path, **conf):
         """

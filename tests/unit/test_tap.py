@@ -31,7 +31,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         options = parse()
         self.assertEqual(options["listen"], ["unix:/var/run/docker.sock:mode=666:lockfile=1"])
-        self.assertEqual(options["user-socket"], "/run/user/{uid}/docker.sock")
+        self.assertEqual(options["user-socket"], [])
         self.assertEqual((options["connect-timeout"], options["shutdown-timeout"]), (5, 10))
 
     def test_version(self) -> None:
@@ -55,7 +55,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["listen"], ["unix:/tmp/a.sock", "tcp:2375:interface=127.0.0.1"])
 
     def test_badTemplate(self) -> None:
-        for template in ("/run/{home}/docker.sock", "/run/{0}", "relative/{uid}.sock"):
+        for template in ("/run/{gid}/docker.sock", "/run/{0}", "relative/{uid}.sock"):
             self.assertRaises(UsageError, parse, "--user-socket", template)
 
     def test_badTimeouts(self) -> None:
