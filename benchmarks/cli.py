@@ -57,6 +57,7 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, help="connect-request-close cycles in the connrate scenarios")
     p.add_argument("--connections", type=int, help="connections held in the concurrency scenario")
     p.add_argument("--slow-seconds", type=float, help="how long the slow reader reads")
+    p.add_argument("--stalled", type=int, help="connections in the stalled scenario (default 1024)")
     p.add_argument(
         "--no-pin",
         action="store_true",
@@ -131,6 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ("connCycles", args.cycles),
         ("concurrentConns", args.connections),
         ("slowSeconds", args.slow_seconds),
+        ("stalledConns", args.stalled),
     ]:
         if value is not None:
             setattr(sizes, attr, value)

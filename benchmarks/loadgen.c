@@ -21,6 +21,7 @@
  *   loadgen connrate SOCK COUNT WORKERS
  *   loadgen hold SOCK COUNT          (prints a READY line, holds until stdin EOF)
  *   loadgen slow SOCK BYTES RATE SECONDS
+ *   loadgen stall SOCK COUNT         (endless downloads never read; READY, then holds)
  * Clients print one line of key=value results on stdout.
  */
 #define _GNU_SOURCE
@@ -571,6 +572,34 @@ static int runSlow(const char *path, long long n, double rate, double seconds) {
     return 0;
 }
 
+/* COUNT connections that each ask for an endless download and never read:
+ * whatever the relay keeps in flight for them is pinned until they close. */
+static int runStall(const char *path, long count) {
+    char h[HDR];
+    makeHdr(h, 'G', 999999999999999ll);
+    long opened = 0, failed = 0, retries = 0;
+    for (long i = 0; i < count; i++) {
+        int err = 0;
+        int fd = connectRetry(path, nowNs() + 60000000000ull, &retries, &err);
+        if (fd < 0) {
+            failed++;
+            continue;
+        }
+        if (send(fd, h, HDR, MSG_NOSIGNAL) != HDR) {
+            failed++;
+            close(fd);
+            continue;
+        }
+        opened++;
+    }
+    printf("READY opened=%ld failed=%ld retries=%ld\n", opened, failed, retries);
+    fflush(stdout);
+    char c;
+    while (read(0, &c, 1) > 0 && c != '\n') {
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     raiseNofile();
     signal(SIGPIPE, SIG_IGN);
@@ -584,6 +613,7 @@ int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "hold")) return runHold(argv[2], atol(argv[3]));
     if (argc == 6 && !strcmp(argv[1], "slow"))
         return runSlow(argv[2], atoll(argv[3]), atof(argv[4]), atof(argv[5]));
+    if (argc == 4 && !strcmp(argv[1], "stall")) return runStall(argv[2], atol(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
     return 2;
 }

@@ -6,12 +6,17 @@ relay process.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 import selectors
+import struct
 import subprocess
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from benchmarks.harness import (
     Backend,
@@ -22,6 +27,7 @@ from benchmarks.harness import (
     peakRss,
     resetPeakRss,
     smapsRollup,
+    tree,
     treeCpuSeconds,
     treeRssBytes,
 )
@@ -40,6 +46,7 @@ class Sizes:
     slowRate: float  # bytes per second
     slowSeconds: float
     repeat: int
+    stalledConns: int = 1024
 
 
 FULL = Sizes(2 * GiB, 20000, 5000, 9900, 1 * GiB, 20e6, 5.0, 5)
@@ -195,30 +202,35 @@ def _connrate(workers: int) -> Callable[[Context, RunningRelay], dict]:
 # ------------------------------------------------------------ concurrency
 
 
-def _readLine(proc: subprocess.Popen, timeout: float) -> str:
+def _readLine(proc: subprocess.Popen, mode: str, timeout: float) -> str:
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
         if not sel.select(timeout):
-            raise BenchError(f"no answer from loadgen hold within {timeout}s")
+            raise BenchError(f"no answer from loadgen {mode} within {timeout}s")
         return proc.stdout.readline()
     finally:
         sel.close()
 
 
-def runConcurrency(ctx: Context, relay: RunningRelay) -> dict:
-    n = ctx.sizes.concurrentConns
-    base = smapsRollup(relay.pid) if relay.pid else None
+def _whileHeld(
+    ctx: Context, relay: RunningRelay, mode: str, n: int, measure: Callable[[], Any], timeout: float
+) -> tuple[dict[str, float], Any]:
+    """
+    Run a loadgen mode that opens C{n} connections, says READY and holds
+    them (C{hold}, C{stall}); C{measure} while they are held, then let them
+    go.  Returns the READY line's figures and what C{measure} returned.
+    """
     proc = subprocess.Popen(
-        [str(ctx.loadgen), "hold", relay.path, str(n)],
+        [str(ctx.loadgen), mode, relay.path, str(n)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=cpuPinning(ctx.settings.loadCpus),
     )
     try:
-        line = _readLine(proc, 400)
-        held = smapsRollup(relay.pid) if relay.pid else None
+        line = _readLine(proc, mode, timeout)
+        measured = measure() if line.startswith("READY") else None
         alive = relay.alive()
         proc.stdin.write("\n")
         proc.stdin.flush()
@@ -227,11 +239,19 @@ def runConcurrency(ctx: Context, relay: RunningRelay) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    r = parseKv(line)
     if not line.startswith("READY"):
-        raise BenchError(f"loadgen hold: {line!r}")
+        raise BenchError(f"loadgen {mode}: {line!r}")
     if not alive:
         raise BenchError(f"{relay.name} died while holding connections")
+    return parseKv(line), measured
+
+
+def runConcurrency(ctx: Context, relay: RunningRelay) -> dict:
+    n = ctx.sizes.concurrentConns
+    base = smapsRollup(relay.pid) if relay.pid else None
+    r, held = _whileHeld(
+        ctx, relay, "hold", n, lambda: smapsRollup(relay.pid) if relay.pid else None, 400
+    )
     answered = r["answered"]
     out = {
         "answered": answered,
@@ -283,6 +303,91 @@ def runSlow(ctx: Context, relay: RunningRelay) -> dict:
     return {
         "peakGrowth": (peak - base) / MiB if pid else None,
         "readMBps": r["bytes"] / (r["elapsed_ns"] / 1e9) / 1e6,
+    }
+
+
+# ---------------------------------------------------------------- stalled
+
+
+def memAvailable() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError("no MemAvailable in /proc/meminfo")
+
+
+def inFlight(pid: int) -> tuple[int, int]:
+    """
+    What C{pid} and its descendants hold in flight: the bytes queued on
+    their sockets that the peers have not read (C{ss}'s skmem C{t}, the
+    kernel's count, overhead included) plus the bytes in their pipes; and
+    how many pipes they have.
+    """
+    pids = tree(pid)
+    ss = subprocess.run(["ss", "-x", "-m", "-p", "-H"], capture_output=True, text=True).stdout
+    held = 0
+    for line in ss.splitlines():
+        if any(f"pid={p}," in line for p in pids):
+            held += sum(int(t) for t in re.findall(r"skmem:\(\S*?\bt(\d+)", line))
+    pipes = set()
+    for p in pids:
+        try:
+            names = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for name in names:
+            path = f"/proc/{p}/fd/{name}"
+            try:
+                target = os.readlink(path)
+                if not target.startswith("pipe:") or target in pipes:
+                    continue
+                pipes.add(target)
+                # Opened through /proc: the same pipe, read by no one here.
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                held += struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            finally:
+                os.close(fd)
+    return held, len(pipes)
+
+
+def _settled(relay: RunningRelay, timeout: float) -> None:
+    """
+    Wait until the stalled streams have filled everything they can: the
+    relay spends no CPU and MemAvailable holds still, for a whole second.
+    """
+    deadline = time.monotonic() + timeout
+    last = (relayCpu(relay) or 0.0, memAvailable())
+    still = 0
+    while still < 4:
+        if time.monotonic() > deadline:
+            raise BenchError(f"still moving after {timeout}s")
+        time.sleep(0.25)
+        now = (relayCpu(relay) or 0.0, memAvailable())
+        quiet = now[0] - last[0] < 0.002 and abs(now[1] - last[1]) < 2 * MiB
+        still = still + 1 if quiet else 0
+        last = now
+
+
+def runStalled(ctx: Context, relay: RunningRelay) -> dict:
+    before = memAvailable()
+
+    def measure() -> tuple[int, Optional[tuple[int, int]]]:
+        _settled(relay, 120)
+        return before - memAvailable(), inFlight(relay.pid) if relay.pid else None
+
+    r, (pinned, held) = _whileHeld(ctx, relay, "stall", ctx.sizes.stalledConns, measure, 120)
+    opened = r["opened"]
+    return {
+        "opened": opened,
+        "pinned": pinned / MiB,
+        "perConn": pinned / opened / 1024 if opened else None,
+        "held": held[0] / MiB if held else None,
+        "pipes": held[1] if held else None,
     }
 
 
@@ -364,6 +469,22 @@ SCENARIOS: dict[str, Scenario] = {
             ],
             runSlow,
         ),
+        Scenario(
+            "stalled",
+            lambda z: (
+                f"stalled readers: {z.stalledConns} connections of one user, each an endless "
+                f"download never read (MemAvailable before - after, the whole host's and so noisy; "
+                f"the relay's own: its sockets' unread queues and its pipes)"
+            ),
+            [
+                Metric("opened", "connections", "{:.0f}"),
+                Metric("pinned", "MemAvailable fall MiB", "{:.0f}", "low"),
+                Metric("perConn", "KiB/conn", "{:.0f}", "low"),
+                Metric("held", "relay's in flight MiB", "{:.1f}", "low"),
+                Metric("pipes", "pipes held", "{:.0f}"),
+            ],
+            runStalled,
+        ),
     ]
 }
 
@@ -373,4 +494,5 @@ GROUPS = {
     "connrate": ["connrate-1", "connrate-32"],
     "concurrency": ["concurrency"],
     "slow": ["slow"],
+    "stalled": ["stalled"],
 }

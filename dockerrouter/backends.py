@@ -13,15 +13,15 @@ import pwd
 import shutil
 import socket
 import stat
-from typing import Callable, ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
-from attrs import frozen
+from attrs import Factory, field, frozen
 
-from dockerrouter.credentials import Credentials
+from dockerrouter.credentials import Credentials, peerGroups
 from dockerrouter.namespaces import outermostOwner
+from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, Rule
 from dockerrouter.visibility import Found, Missing
 
-DEFAULT_TEMPLATE = "/run/user/{uid}/docker.sock"
 SETUP_TOOL = "dockerd-rootless-setuptool.sh"
 # Where Debian's docker.io puts it (not on PATH).
 SETUP_TOOL_DIRECTORIES = ("/usr/share/docker.io/contrib",)
@@ -30,92 +30,117 @@ SETUP_TOOL_DIRECTORIES = ("/usr/share/docker.io/contrib",)
 @frozen
 class Backend:
     """
-    Where one client's connection goes, and who must be listening there.
+    One place a client's connection may go, and who must be listening there.
 
-    @ivar uid: the uid the daemon at C{path} must run as.
+    @ivar uid: the uid the connection is for (the client's, or its
+        subordinate uid's owner): counted against caps, named in messages.
     @ivar user: the name of that uid, or the uid as text when the user
         database has none (the connection still routes by number).
+    @ivar owner: the uid the daemon at C{path} must run as: C{uid}, unless
+        a rule names another.
+    @ivar template: the configured path C{path} was made from (a bounded
+        label for metrics).
     """
 
     path: str
     uid: int
     user: str
+    owner: int = field(default=Factory(lambda self: self.uid, takes_self=True))
+    template: str = ""
 
 
-def userName(uid: int) -> str:
-    """
-    The name of C{uid} from the system user database (NSS, so LDAP and SSSD
-    users have one too), or the number as text.
-    """
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+@frozen
+class Route:
+    """Where a client may go: the candidates, tried in order."""
 
-
-class RecentNames:
-    """
-    L{userName}, remembered for C{ttl} seconds: an NSS lookup (a scan of
-    C{/etc/passwd}, or a round trip to LDAP) per connection would cost more
-    than the relay, and a renamed user may wait a minute for their new path.
-    """
-
-    def __init__(self, clock: Callable[[], float], ttl: float = 60.0) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._names: dict[int, tuple[float, str]] = {}
-
-    def __call__(self, uid: int) -> str:
-        now = self._clock()
-        known = self._names.get(uid)
-        if known is not None and known[0] > now:
-            return known[1]
-        if len(self._names) > 100_000:
-            self._names.clear()
-        name = userName(uid)
-        self._names[uid] = (now + self._ttl, name)
-        return name
+    candidates: tuple[Backend, ...]
 
 
 class BackendResolver:
     """
-    Fills the socket path template for a client: its own uid's, or, for a
+    Makes the chain of candidate sockets for a client: the first rule that
+    matches it, or the default chain, filled in for its own uid or, for a
     process in a user's rootless container, the owning user's.
 
     A uid in a user's subordinate range is routed to that user only when
     the client runs in a user namespace that user owns (the outermost one
     below the router's): a real account may have a uid inside someone's
-    range, and a namespace of someone else's may map it.
+    range, and a namespace of someone else's may map it.  Such a client is
+    matched by the owner's uid, and by no group (its groups are
+    subordinate ids).
 
     @ivar advice: what to tell this host's users (see L{Advice}).
     """
 
     def __init__(
         self,
-        template: str,
-        lookupName: Callable[[int], str] = userName,
+        templates: Union[str, Sequence[str]] = DEFAULT_CHAIN,
+        lookupName: Optional[Callable[[int], str]] = None,
         subordinates: Optional["SubordinateIds"] = None,
         namespaceOwner: Callable[[socket.socket, int], Optional[int]] = outermostOwner,
         advice: Optional["Advice"] = None,
+        rules: Sequence[Rule] = (),
+        lookups: Optional[Lookups] = None,
     ) -> None:
-        self.template = template
-        self._lookupName = lookupName
+        self.templates = (templates,) if isinstance(templates, str) else tuple(templates)
+        if lookups is None:
+            lookups = Lookups()
+            if lookupName is not None:
+                lookups = Lookups(account=lambda uid: Account(lookupName(uid)))
+        self.lookups = lookups
         self._subordinates = subordinates
         self._namespaceOwner = namespaceOwner
         self.advice = advice or Advice()
+        self.rules = tuple(rules)
+        self._needGroups = any(rule.groups for rule in self.rules)
 
-    def resolve(self, client: Credentials, sock: Optional[socket.socket] = None) -> Backend:
+    def resolve(self, client: Credentials, sock: Optional[socket.socket] = None) -> Route:
         """
-        The backend of C{client}, connected on C{sock} (without it, a
-        subordinate uid can't be proven and routes as itself).
+        The candidates of C{client}, connected on C{sock} (without it, a
+        subordinate uid can't be proven and routes as itself, and only the
+        primary group is known).
+
+        @raise NeedLookup: while an answer of the user database is looked
+            up (call again once it fires).
+        @raise BackendUnusable: when a rule denies the client.
         """
         uid = client.uid
+        gids: frozenset[int] = frozenset()
         if self._subordinates is not None:
             owner = self._subordinates.owner(uid)
             if owner != uid and sock is not None and self._namespaceOwner(sock, client.pid) == owner:
                 uid = owner
-        user = self._lookupName(uid)
-        return Backend(path=self.template.format(uid=uid, user=user), uid=uid, user=user)
+        account = self.lookups.account(uid)
+        if uid == client.uid and self._needGroups:
+            gids = frozenset({client.gid})
+            if sock is not None:
+                gids |= peerGroups(sock)
+        templates, owner = self.templates, uid
+        for rule in self.rules:
+            if rule.matches(uid, gids, self.lookups):
+                if rule.deny is not None:
+                    raise Denied(Backend("-", uid, account.name), rule.deny)
+                templates = rule.sockets
+                if rule.owner is not None:
+                    named = rule.owner if isinstance(rule.owner, int) else self.lookups.uid(rule.owner)
+                    if named is None:
+                        raise NoRoute(
+                            Backend("-", uid, account.name),
+                            f"the rule names owner {rule.owner!r}, who is not in the user database",
+                        )
+                    owner = named
+                break
+        candidates = tuple(
+            Backend(template.format(uid=uid, user=account.name, home=account.home), uid, account.name, owner, template)
+            for template in templates
+            if account.home is not None or "{home}" not in template
+        )
+        if not candidates:
+            raise NoRoute(
+                Backend("-", uid, account.name, owner),
+                "every socket path needs a home directory, and the user database has none",
+            )
+        return Route(candidates)
 
 
 def loginDefsUidMin(path: str = "/etc/login.defs", default: int = 1000) -> int:
@@ -264,14 +289,14 @@ def findSetupTool(
 ) -> str:
     """
     The command that sets up a rootless daemon on this host: its bare name
-    when it is on PATH (or nowhere to be found), else its full path where
-    the distribution put it.  Looked for once, at start.
+    when it is on PATH (or nowhere to be found), else the name with its
+    directory put on PATH: the tool runs C{dockerd-rootless.sh}, which the
+    distribution keeps beside it, by name.  Looked for once, at start.
     """
     if which(SETUP_TOOL) is None:
         for directory in directories:
-            candidate = os.path.join(directory, SETUP_TOOL)
-            if os.access(candidate, os.X_OK):
-                return candidate
+            if os.access(os.path.join(directory, SETUP_TOOL), os.X_OK):
+                return f"PATH={directory}:$PATH {SETUP_TOOL}"
     return SETUP_TOOL
 
 
@@ -290,16 +315,21 @@ class Advice:
 
     def render(self, reason: "BackendUnusable") -> str:
         """The whole message of C{reason}: what is wrong, then what to do."""
+        backend = reason.backend
         fields = dict(
-            path=reason.backend.path,
-            user=reason.backend.user,
-            uid=reason.backend.uid,
+            path=backend.path,
+            user=backend.user,
+            uid=backend.uid,
+            # Whose daemon the path must lead to.
+            whose=f"user {backend.user} (uid {backend.uid})"
+            if backend.owner == backend.uid
+            else f"uid {backend.owner}",
             detail=reason.detail,
             setupTool=self.setupTool,
         )
         problem = reason.template.format(**fields)
         if reason.advice is None:
-            return problem + "."
+            return problem.rstrip(".") + "."
         own = reason.advice.format(**fields)
         if self.site is not None:
             own = self.site.replace("{advice}", own) if "{advice}" in self.site else self.site
@@ -341,12 +371,20 @@ class BackendUnusable(Exception):
         """The message with the router's own advice."""
         return Advice().render(self)
 
+    def short(self) -> str:
+        """What is wrong at the path, in a few words (for L{NoneWorked})."""
+        return self.brief.format(detail=self.detail)
+
+    # What is wrong at the path, in a few words, for a chain's message.
+    brief: ClassVar[str] = "cannot be used ({detail})"
+
     def __str__(self) -> str:
         return self.message
 
 
 class NoDaemon(BackendUnusable):
     cause = "missing"
+    brief = "nothing there"
     status = 503
     template = (
         "No Docker daemon is running for user {user} (uid {uid}): there is "
@@ -359,6 +397,7 @@ class NoDaemon(BackendUnusable):
 
 
 class NoRuntimeDirectory(NoDaemon):
+    brief = "no runtime directory {detail} (not logged in, no linger)"
     template = (
         "No Docker daemon is running for user {user} (uid {uid}): there is "
         "nothing at {path}, because the user has no runtime directory "
@@ -371,6 +410,7 @@ class NoRuntimeDirectory(NoDaemon):
 
 
 class DanglingLink(NoDaemon):
+    brief = "a symbolic link to {detail}, which does not exist"
     template = (
         "No Docker daemon is running for user {user} (uid {uid}): {path} is "
         "a symbolic link to {detail}, which does not exist"
@@ -380,6 +420,7 @@ class DanglingLink(NoDaemon):
 
 class DaemonRefuses(BackendUnusable):
     cause = "refused"
+    brief = "refuses connections (a stale socket)"
     status = 503
     template = (
         "The Docker daemon socket of user {user} (uid {uid}) at {path} "
@@ -390,6 +431,7 @@ class DaemonRefuses(BackendUnusable):
 
 class NotASocket(BackendUnusable):
     cause = "not-a-socket"
+    brief = "not a socket"
     template = (
         "{path}, where the Docker daemon of user {user} (uid {uid}) should "
         "listen, is not a socket"
@@ -401,8 +443,8 @@ class WrongOwner(BackendUnusable):
     cause = "wrong-owner"
     status = 403
     template = (
-        "The socket at {path} belongs to uid {detail}, not to user {user} "
-        "(uid {uid}), so docker-router refuses to connect you to it for safety"
+        "The socket at {path} belongs to uid {detail}, not to {whose}, so "
+        "docker-router refuses to connect you to it for safety"
     )
     advice = "point {path} at your own rootless Docker daemon"
 
@@ -412,7 +454,7 @@ class RouterLoop(BackendUnusable):
     status = 403
     template = (
         "{path} leads back to docker-router itself, not to a Docker daemon "
-        "of user {user} (uid {uid})"
+        "of {whose}"
     )
     advice = "point it at your own rootless daemon (`systemctl --user start docker`)"
 
@@ -451,11 +493,57 @@ class Concealed(BackendUnusable):
         "docker-router can use"
     )
     advice = "point it at your own rootless Docker daemon (`systemctl --user start docker`)"
+    brief = "not a Docker daemon socket of this user that docker-router can use"
 
     def __init__(self, reason: BackendUnusable) -> None:
         super().__init__(reason.backend)
         self.reason = reason
         self.cause = reason.cause  # type: ignore[misc]
+
+
+class Denied(BackendUnusable):
+    """A rule refuses the client: the site's message, as it is."""
+
+    cause = "denied"
+    status = 403
+    aboutThePath = False
+    template = "{detail}"
+
+
+class NoRoute(BackendUnusable):
+    """The configuration leaves a client no path to try (a rule's mistake)."""
+
+    aboutThePath = False
+    template = "docker-router has no Docker daemon socket to try for user {user} (uid {uid}): {detail}"
+    advice = "ask the administrator to check docker-router's configuration"
+
+
+class LookupFailed(BackendUnusable):
+    """The user database failed to answer what routing needed."""
+
+    cause = "lookup"
+    status = 503
+    aboutThePath = False
+    template = (
+        "docker-router could not look up user {user} (uid {uid}) in the "
+        "user database ({detail}); try again in a moment"
+    )
+
+
+class NoneWorked(NoDaemon):
+    """
+    Every socket of the chain is missing, refuses or is not a socket: one
+    message with each path tried and why (each reason as the client may
+    read it, see L{forTheUser}).
+    """
+
+    aboutThePath = False
+    template = "No Docker daemon is running for user {user} (uid {uid}): {detail}"
+
+    def __init__(self, backend: Backend, tried: Sequence[BackendUnusable]) -> None:
+        detail = "; ".join(f"{reason.backend.path}: {reason.short()}" for reason in tried)
+        super().__init__(backend, f"tried {detail}")
+        self.tried = tuple(tried)
 
 
 class TooManyForUser(BackendUnusable):
@@ -503,14 +591,15 @@ def checkSocketFile(backend: Backend, target: os.stat_result) -> None:
     """
     if not stat.S_ISSOCK(target.st_mode):
         raise NotASocket(backend)
-    if target.st_uid != backend.uid:
+    if target.st_uid != backend.owner:
         raise WrongOwner(backend, str(target.st_uid))
 
 
 def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
     """
     The security boundary: the process listening at the other end of the
-    backend connection must run as the uid the client may reach.  This looks
+    backend connection must run as the uid the client may reach (its own,
+    or the owner a rule names).  This looks
     at the daemon actually connected, so symlinks and races on the path can't
     smuggle a client to anyone else's daemon (or back to the router, where the
     inner hop would arrive as root).
@@ -519,7 +608,7 @@ def verifyDaemon(backend: Backend, daemon: Credentials, routerPid: int) -> None:
     """
     if daemon.pid == routerPid:
         raise RouterLoop(backend)
-    if daemon.uid != backend.uid:
+    if daemon.uid != backend.owner:
         raise WrongOwner(backend, str(daemon.uid))
 
 

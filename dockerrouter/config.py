@@ -15,23 +15,25 @@ import tomllib
 from typing import Any, Callable, Optional
 
 from attrs import frozen
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from dockerrouter.backends import (
     Advice,
     BackendResolver,
-    RecentNames,
     SubordinateIds,
     findSetupTool,
     loginDefsUidMin,
 )
 from dockerrouter.limits import connectionsFor
+from dockerrouter.routing import DEFAULT_CHAIN, Lookups, RuleError, parseRules
 
 DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
 
-# Options that take a restart: what the router listens on.
-RESTART_ONLY = ("listen", "metrics", "control")
-REPEATABLE = ("listen", "metrics")
+# Options that take a restart: what the router listens on, and the in-flight
+# budget live relays hold grants of.
+RESTART_ONLY = ("listen", "metrics", "control", "max-in-flight", "max-in-flight-per-user")
+REPEATABLE = ("listen", "metrics", "user-socket")
 
 
 class ConfigError(Exception):
@@ -115,10 +117,11 @@ def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], N
         )
     return Settings(
         resolver=BackendResolver(
-            options["user-socket"],
-            lookupName=RecentNames(reactor.seconds),
+            options["user-socket"] or DEFAULT_CHAIN,
             subordinates=subordinates,
             advice=Advice(findSetupTool(), options["advice"]),
+            rules=options["rule"],
+            lookups=Lookups(reactor.seconds, _inThreads(reactor)),
         ),
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(descriptorLimit),
@@ -129,6 +132,15 @@ def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], N
         start=options["start"],
         startTimeout=options["start-timeout"],
     )
+
+
+def _inThreads(reactor) -> Callable[..., Any]:
+    """Run a lookup in the reactor's thread pool (made when first needed)."""
+
+    def inThread(function: Callable[..., Any], *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+    return inThread
 
 
 def configPath(given: Optional[str]) -> Optional[str]:
@@ -167,6 +179,14 @@ def applyFile(options, path: str) -> None:
     flags = {row[0] for row in options.optFlags}
     for key, value in values.items():
         where = f"{path}, line {_lineOf(text, key)}"
+        if key == "rule":
+            try:
+                options["rule"] = parseRules(value, lambda n: _ruleAt(path, text, n), checkTemplate)
+            except RuleError as e:
+                raise ConfigError(str(e))
+            continue
+        if key == "user-socket" and isinstance(value, str):
+            value = [value]
         if key in REPEATABLE:
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ConfigError(f"{where}: {key} must be a list of strings")
@@ -187,6 +207,31 @@ def applyFile(options, path: str) -> None:
             raise ConfigError(f"{where}: unknown option {key!r}")
         if key not in options.given:
             options[key] = value
+
+
+def checkTemplate(template: str) -> None:
+    """
+    A socket path template must be absolute, and fill in nothing but
+    C{{uid}}, C{{user}} and C{{home}}.
+
+    @raise ValueError: saying what is wrong.
+    """
+    try:
+        path = template.format(uid=0, user="root", home="/root")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"bad user-socket {template!r}: only {{uid}}, {{user}} and {{home}} can be "
+            f"filled in ({e!r})"
+        )
+    if not os.path.isabs(path):
+        raise ValueError(f"user-socket must be an absolute path: {template!r}")
+
+
+def _ruleAt(path: str, text: str, number: int) -> str:
+    """Where the C{number}th C{[[rule]]} table starts, for messages."""
+    starts = [m.start() for m in re.finditer(r"^[ \t]*\[\[[ \t]*rule[ \t]*\]\]", text, re.MULTILINE)]
+    line = text.count("\n", 0, starts[number - 1]) + 1 if number <= len(starts) else 1
+    return f"{path}, line {line} (rule {number})"
 
 
 def _lineOf(text: str, key: str) -> int:

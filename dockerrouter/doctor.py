@@ -22,14 +22,8 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.backends import DEFAULT_TEMPLATE, findSetupTool
-
-# Where a user's daemon may listen, in the order the router tries them.
-DEFAULT_CHAIN = (
-    DEFAULT_TEMPLATE,
-    "/run/user/{uid}/podman/podman.sock",
-    "{home}/.docker/run/docker.sock",
-)
+from dockerrouter.backends import findSetupTool
+from dockerrouter.routing import DEFAULT_CHAIN
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
 LINGER = "/var/lib/systemd/linger"

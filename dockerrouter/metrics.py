@@ -115,6 +115,14 @@ class _LiveState:
         for result in self._results + sorted(set(factory.results) - set(self._results)):
             results.add_metric([result.replace("-", "_")], factory.results.get(result, 0))
         yield results
+        sockets = CounterMetricFamily(
+            "docker_router_relayed_by_socket",
+            "Relayed connections by the configured socket path (template) they went to.",
+            labels=["socket"],
+        )
+        for template, count in sorted(factory.sockets.items()):
+            sockets.add_metric([template], count)
+        yield sockets
         yield GaugeMetricFamily(
             "docker_router_connections_active", "Live connections.", value=len(factory.relays)
         )

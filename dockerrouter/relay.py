@@ -31,8 +31,9 @@ from dockerrouter.backends import (
     BackendResolver,
     BackendUnusable,
     ConnectTimeout,
-    DaemonRefuses,
-    NoDaemon,
+    LookupFailed,
+    NoneWorked,
+    Route,
     TooManyForUser,
     TooManyInTotal,
     checkSocketFile,
@@ -43,12 +44,19 @@ from dockerrouter.backends import (
 from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.errors import ErrorResponder
+from dockerrouter.budget import Budget
 from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
+from dockerrouter.routing import NeedLookup
 from dockerrouter.splice import PipePool, Splicer
 from dockerrouter.visibility import Viewer, look
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
+
+# What sends a connection on to the next socket of its chain: nothing usable
+# is there.  Anything else (a daemon of the wrong uid, a loop back to the
+# router, a hung daemon) is an attack or a mistake, and is refused at once.
+_NEXT_CANDIDATE = frozenset({"missing", "refused", "not-a-socket"})
 
 
 def openSocketFile(path: str) -> tuple[int, os.stat_result]:
@@ -122,8 +130,11 @@ class ServerProtocol(Protocol):
     transport: Any
 
     client: Credentials
+    # The candidate being tried, then the one relayed to.
     backend: Backend
+    route: Optional[Route] = None
     ended: Optional[str] = None
+    _lost = False
     # The file the backend path led to, when it could be opened.
     _target: Optional[os.stat_result] = None
     _splicer: Optional[Splicer] = None
@@ -142,15 +153,43 @@ class ServerProtocol(Protocol):
         self.client = peerCredentials(self.transport.getHandle())
         # Read once: a reload gives later connections other settings.
         self.settings = self.factory.settings
-        self.backend = self.settings.resolver.resolve(self.client, self.transport.getHandle())
+        self._route()
+
+    def _route(self, _: object = None) -> None:
+        """
+        Find the client's chain, admit it and connect; while a name is
+        looked up (off the reactor thread), the connection waits here
+        without holding anyone else, and comes back when it is known.
+        """
+        if self._lost:
+            return
+        try:
+            route = self.settings.resolver.resolve(self.client, self.transport.getHandle())
+        except NeedLookup as waiting:
+            waiting.deferred.addCallbacks(self._route, self._lookupFailed)
+            return
+        except BackendUnusable as reason:
+            self.backend = reason.backend
+            self._reject(reason)
+            return
+        self.route = route
+        self.backend = route.candidates[0]
+        self._tried: list[BackendUnusable] = []
         try:
             self.factory.admit(self)
         except BackendUnusable as reason:
             self._reject(reason)
             return
-        self._connectBy = self.startedAt + self.settings.connectTimeout
+        self._connectBy = self.factory.reactor.seconds() + self.settings.connectTimeout
         self._connectFrom = self.factory.reactor.seconds()
         self._connect()
+
+    def _lookupFailed(self, failure: Failure) -> None:
+        if self._lost:
+            return
+        self.log.failure("user database lookup for uid {uid}", failure, uid=self.client.uid)
+        self.backend = Backend("-", self.client.uid, str(self.client.uid))
+        self._reject(LookupFailed(self.backend, failure.getErrorMessage()))
 
     def _connect(self) -> None:
         self._retry = None
@@ -158,14 +197,14 @@ class ServerProtocol(Protocol):
         try:
             fd, self._target = self.factory.openSocketFile(self.backend.path)
         except OSError as e:
-            self._unreachable(explainConnectFailure(self.backend, e))
+            self._failed(explainConnectFailure(self.backend, e))
             return
         try:
             checkSocketFile(self.backend, self._target)
             # Through the descriptor: what was checked is what is connected.
             daemon = self.factory.connectUnix(f"/proc/self/fd/{fd}")
         except BackendUnusable as reason:
-            self._reject(reason)
+            self._failed(reason)
             return
         except BlockingIOError:
             # The daemon's listen backlog is full: wait for room, as a
@@ -176,7 +215,7 @@ class ServerProtocol(Protocol):
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
         except OSError as e:
-            self._unreachable(explainConnectFailure(self.backend, e))
+            self._failed(explainConnectFailure(self.backend, e))
             return
         finally:
             os.close(fd)
@@ -192,29 +231,60 @@ class ServerProtocol(Protocol):
             self.transport.getHandle(),
             daemon,
             self._relayEnded,
+            self.factory.budget,
+            self.backend.uid,
         )
         dropTransport(self.transport)
         self.transport = None
         self._splicer.start()
-        self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom)
+        self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom, self.backend.template)
 
-    def _unreachable(self, reason: BackendUnusable) -> None:
+    def _failed(self, reason: BackendUnusable) -> None:
         """
-        No daemon answers: with C{--start}, ask for one (once) and connect
-        again when the start is done, else answer with C{reason}.
+        The candidate can't be used: try the next one when nothing usable
+        was there, else refuse at once (never fall through past a daemon
+        of the wrong uid).
         """
+        assert self.route is not None
+        if reason.cause not in _NEXT_CANDIDATE:
+            self._reject(reason)
+            return
+        candidates = self.route.candidates
+        if len(candidates) == 1:
+            self._noneWorked(reason)
+            return
+        self._tried.append(self._forTheUser(reason))
+        if len(self._tried) < len(candidates):
+            self.backend = candidates[len(self._tried)]
+            self._connect()
+        else:
+            self._noneWorked(NoneWorked(candidates[0], self._tried))
+
+    def _noneWorked(self, reason: BackendUnusable) -> None:
+        """
+        Every candidate is missing, refuses or is not a socket: C{reason}
+        says so (for a chain, L{NoneWorked} lists them).  With C{--start},
+        and a chain to the user's own daemon, ask for it to be started
+        (once) and try the chain again when the start is done.
+        """
+        assert self.route is not None
+        candidates = self.route.candidates
         starter = self.factory.starter
         if (
             starter is None
             or self.settings.start is None
             or self._startTried
-            or not isinstance(reason, (NoDaemon, DaemonRefuses))
+            or candidates[0].owner != candidates[0].uid
         ):
             self._reject(reason)
             return
         self._startTried = True
         # It may fire at once: kept only while it waits.
-        self._starting = starting = starter.start(self.backend, self.settings.startTimeout)
+        self._starting = starting = starter.start(
+            candidates[0],
+            self.settings.startTimeout,
+            lambda: any(answers(candidate) for candidate in candidates),
+        )
         starting.addCallback(self._startDone)
         starting.addErrback(lambda failure: failure.trap(CancelledError))
 
@@ -223,12 +293,20 @@ class ServerProtocol(Protocol):
         if outcome is not None:
             self._reject(outcome)
             return
+        assert self.route is not None
+        self._tried = []
+        self.backend = self.route.candidates[0]
         self._connectBy = self.factory.reactor.seconds() + self.settings.connectTimeout
         self._connect()
 
+    def _forTheUser(self, reason: BackendUnusable) -> BackendUnusable:
+        """C{reason} as the client may read it (see L{forTheUser})."""
+        if not reason.aboutThePath:
+            return reason
+        return forTheUser(reason, self._target, look(self.backend.path, self._viewer()))
+
     def _reject(self, reason: BackendUnusable) -> None:
-        if reason.aboutThePath:
-            reason = forTheUser(reason, self._target, look(self.backend.path, self._viewer()))
+        reason = self._forTheUser(reason)
         advice = self.settings.resolver.advice
         self._endAs("rejected:" + reason.cause)
         self.factory.rejected(self, reason.cause)
@@ -273,6 +351,7 @@ class ServerProtocol(Protocol):
         pass  # the responder half-closed after its answer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._starting is not None:
@@ -304,6 +383,8 @@ class ServerProtocol(Protocol):
         if self._recorded:
             return
         self._recorded = True
+        if self.route is None and self._responder is None:
+            return  # gone while its route was looked up: never counted
         splicer = self._splicer
         if self._responder is not None:
             self.factory.release(self)
@@ -351,6 +432,7 @@ class RouterFactory(Factory):
     def stopFactory(self) -> None:
         self.pipes.close()
         self.rejections.stop()
+        self.budget.stop()
 
     def userCount(self) -> int:
         """How many users hold live connections."""
@@ -367,10 +449,16 @@ class RouterFactory(Factory):
         connectTimeout: float,
         maxConnections: Optional[int] = None,
         maxConnectionsPerUser: Optional[int] = None,
+        budget: Optional[Budget] = None,
     ) -> None:
+        """
+        @param budget: the kernel memory relays may hold in flight; by
+            default L{Budget}'s defaults.
+        """
         self.reactor = reactor
         self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
         self.pipes = PipePool()
+        self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
@@ -378,6 +466,8 @@ class RouterFactory(Factory):
         # What metrics and status read (at scrape time, not per chunk).
         # How connections were answered: "relayed", or a rejection's cause.
         self.results: dict[str, int] = {"relayed": 0}
+        # Relayed connections by the configured socket path they went to.
+        self.sockets: dict[str, int] = {}
         # Bytes to and from Docker of the relays that have ended.
         self.endedBytes = [0, 0]
         # Per user, when asked (settings.usersKept): uid -> [name, bytes to,
@@ -387,9 +477,10 @@ class RouterFactory(Factory):
         self.durations = None
         self.connectTimes = None
 
-    def relayed(self, connectSeconds: float) -> None:
-        """A connection is relayed: count it."""
+    def relayed(self, connectSeconds: float, template: str = "") -> None:
+        """A connection is relayed: count it, and by the socket it went to."""
         self.results["relayed"] += 1
+        self.sockets[template] = self.sockets.get(template, 0) + 1
         if self.connectTimes is not None:
             self.connectTimes.observe(connectSeconds)
 

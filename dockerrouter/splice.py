@@ -11,72 +11,119 @@ the kernel and the router holds at most one pipe per busy direction.
 
 Pipes are lent from a L{PipePool} while bytes are in flight and given back
 when the direction is drained, so thousands of idle connections hold none.
+
+What a direction may hold in flight is small (a small read into a small
+pipe, a small send buffer on its sink) unless the L{Budget} lends it the
+big pipe and the grown send buffer of a bulk transfer; see L{budget}.
 """
 
 import errno
 import fcntl
 import os
 import socket
+import struct
+import termios
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
+from dockerrouter.budget import Budget
+
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_CHUNK = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+# A bulk transfer's read into its (big) pipe, and its sink's send buffer.
+BIG = 1024 * 1024
+# Every other direction's read into its (default, 64 KiB) pipe, and every
+# socket's send buffer until then: what one stalled direction may hold
+# without a grant, so that the connection caps bound it.
+SMALL = 16 * 1024
+SMALL_SNDBUF = 4 * 1024
+# What a grant lets a direction hold beyond that; the kernel doubles the
+# SO_SNDBUF it is given.
+GRANT = (BIG - SMALL) + 2 * (BIG - SMALL_SNDBUF)
+
+# A pipe: read end, write end, and whether it is big.
+Pipe = tuple[int, int, bool]
 
 
 class PipePool:
     """
-    Empty pipes to lend to directions with bytes in flight.
+    Empty pipes to lend to directions with bytes in flight: default-sized
+    ones for small reads, big ones for bulk transfers.
     """
 
-    def __init__(self, size: int = _CHUNK, keep: int = 16) -> None:
+    def __init__(self, size: int = BIG, keep: int = 16) -> None:
         self._size = size
         self._keep = keep
-        self._idle: list[tuple[int, int]] = []
+        self._idle: tuple[list[Pipe], list[Pipe]] = ([], [])
 
-    def take(self) -> tuple[int, int]:
-        if self._idle:
-            return self._idle.pop()
+    def take(self, big: bool) -> Pipe:
+        idle = self._idle[big]
+        if idle:
+            return idle.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
-        except OSError:
-            pass  # a smaller pipe only means more calls
-        return r, w
+        if big:
+            try:
+                fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
+            except OSError:
+                pass  # a smaller pipe only means more calls
+        return r, w, big
 
-    def give(self, pipe: tuple[int, int]) -> None:
+    def give(self, pipe: Pipe) -> None:
         """Take back a pipe; it must be empty."""
-        if len(self._idle) < self._keep:
-            self._idle.append(pipe)
+        idle = self._idle[pipe[2]]
+        if len(idle) < self._keep:
+            idle.append(pipe)
         else:
             _closePipe(pipe)
 
     def close(self) -> None:
-        while self._idle:
-            _closePipe(self._idle.pop())
+        for idle in self._idle:
+            while idle:
+                _closePipe(idle.pop())
 
 
-def _closePipe(pipe: tuple[int, int]) -> None:
+def _closePipe(pipe: Pipe) -> None:
     os.close(pipe[0])
     os.close(pipe[1])
 
 
-class _Direction:
-    """Bytes from C{source} to C{sink}, and what is in flight between them."""
+def queued(sock: socket.socket) -> int:
+    """Bytes sent on C{sock} that its peer has not read yet (kernel's count)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
-    __slots__ = ("source", "sink", "pipe", "pending", "count", "eof", "done")
+
+class _Direction:
+    """
+    Bytes from C{source} to C{sink}, and what is in flight between them.
+
+    @ivar big: whether it holds a grant of the L{Budget} (a big pipe, a grown
+        send buffer on the sink).
+    @ivar chunk: how much one read from the source may take.
+    @ivar swept: C{count} when the budget last looked.
+    """
+
+    __slots__ = ("source", "sink", "pipe", "pending", "count", "eof", "done", "big", "chunk", "swept")
 
     def __init__(self, source: "_End", sink: "_End") -> None:
         self.source = source
         self.sink = sink
-        self.pipe: Optional[tuple[int, int]] = None
+        self.pipe: Optional[Pipe] = None
         self.pending = 0
         self.count = 0
         self.eof = False
         self.done = False
+        self.big = False
+        self.chunk = SMALL
+        self.swept = -1
+
+    def sweep(self) -> None:
+        """The budget's look, about once a second: give the grant back if quiet."""
+        if self.count == self.swept and not self.pending:
+            self.sink.splicer._shrink(self)
+        self.swept = self.count
 
 
 @implementer(IReadWriteDescriptor)
@@ -86,9 +133,7 @@ class _End:
     direction, writable drains its incoming one.
     """
 
-    __slots__ = (
-        "splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing", "grown"
-    )
+    __slots__ = ("splicer", "sock", "fd", "name", "outgoing", "incoming", "reading", "writing")
     # Set by the Splicer once both ends exist.
     outgoing: _Direction
     incoming: _Direction
@@ -100,7 +145,6 @@ class _End:
         self.name = name
         self.reading = False
         self.writing = False
-        self.grown = False
 
     # Kept here so that the reactor is only asked when something changes.
 
@@ -155,9 +199,17 @@ class Splicer:
         client: socket.socket,
         daemon: socket.socket,
         ended: Callable[[Optional[str]], None],
+        budget: Budget,
+        uid: int,
     ) -> None:
+        """
+        @param budget: lends big pipes and buffers to bulk transfers.
+        @param uid: the user whose share of C{budget} this relay draws on.
+        """
         self._reactor = reactor
         self._pool = pool
+        self._budget = budget
+        self._uid = uid
         self._ended = ended
         self._client = _End(self, client, "client")
         self._daemon = _End(self, daemon, "docker")
@@ -166,6 +218,7 @@ class Splicer:
         self._client.outgoing = self._daemon.incoming = self._up
         self._daemon.outgoing = self._client.incoming = self._down
         self._running = False
+        self._closed = False
 
     @property
     def toDocker(self) -> int:
@@ -177,6 +230,8 @@ class Splicer:
 
     def start(self) -> None:
         self._running = True
+        for end in (self._client, self._daemon):
+            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
         self._client.read(True)
         self._daemon.read(True)
         # A client usually sends its request as soon as it has connected:
@@ -196,21 +251,31 @@ class Splicer:
                 # It may hold bytes; never lend it again.
                 _closePipe(direction.pipe)
                 direction.pipe = None
+                direction.pending = 0
+            if direction.big:
+                self._shrink(direction)
 
     def close(self) -> None:
-        """Stop, and close both sockets."""
+        """
+        Stop, and close both sockets; but a socket whose peer has yet to
+        read what a grown buffer let the router queue keeps it (and the
+        grant) until then: closing would leave those bytes in the peer's
+        queue, still the router's, and no longer counted.
+        """
         self.stop()
-        self._client.sock.close()
-        self._daemon.sock.close()
+        self._closed = True
+        for end in (self._client, self._daemon):
+            if not end.incoming.big:
+                end.sock.close()
 
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
             try:
-                d.pipe = self._pool.take()
+                d.pipe = self._pool.take(d.big)
             except OSError as e:
                 return self._fail(None, errno.errorcode.get(e.errno or 0, "OSError"))
         try:
-            n = os.splice(d.source.fd, d.pipe[1], _CHUNK, flags=_SPLICE_FLAGS)
+            n = os.splice(d.source.fd, d.pipe[1], d.chunk, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return self._drain(d)
         except OSError as e:
@@ -218,6 +283,9 @@ class Splicer:
         if n == 0:
             d.eof = True
             d.source.read(False)
+        elif n == d.chunk and not d.big:
+            # The source had more than a small read: a bulk transfer.
+            self._grow(d)
         d.pending += n
         d.count += n
         self._drain(d)
@@ -228,12 +296,7 @@ class Splicer:
                 # Pending bytes are always in a pipe.
                 d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]
             except BlockingIOError:
-                if not d.sink.grown:
-                    # A bulk transfer: let the kernel queue more per call, as
-                    # a C relay's larger buffers do; small exchanges never
-                    # get here and pay nothing for it.
-                    d.sink.grown = True
-                    d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHUNK)
+                if not d.big and self._grow(d):
                     continue
                 # The sink is full: stop reading the source until it drains.
                 d.source.read(False)
@@ -249,6 +312,41 @@ class Splicer:
             self._finish(d)
         elif self._running:
             d.source.read(True)
+
+    def _grow(self, d: _Direction) -> bool:
+        """
+        A bulk transfer: let the kernel queue more per call, as a C relay's
+        larger buffers do, if the budget lends it; small exchanges never
+        get here.
+        """
+        if not self._budget.take(d, self._uid, GRANT):
+            return False
+        d.big = True
+        d.chunk = BIG
+        d.swept = -1
+        d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG)
+        return True
+
+    def _shrink(self, d: _Direction) -> None:
+        """
+        A quiet bulk transfer goes back to small, once its peer has read
+        what the grown buffer let the router queue (until then it is still
+        held, so it is still charged).
+        """
+        try:
+            if queued(d.sink.sock) > SMALL + 2 * SMALL_SNDBUF:
+                return  # more than a small direction may leave there
+            d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
+        except OSError:
+            pass  # the sink is gone: its relay is ending
+        self._release(d)
+        if self._closed:
+            d.sink.sock.close()
+
+    def _release(self, d: _Direction) -> None:
+        d.big = False
+        d.chunk = SMALL
+        self._budget.give(d, self._uid, GRANT)
 
     def _finish(self, d: _Direction) -> None:
         """The source ended and everything reached the sink: half-close it."""

@@ -30,9 +30,9 @@ from dockerrouter._compat import (
     lockHolder,
     raiseListenErrors,
 )
-from dockerrouter.backends import DEFAULT_TEMPLATE
+from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
-from dockerrouter.config import FileOptions, Reloader, settingsFrom
+from dockerrouter.config import FileOptions, Reloader, checkTemplate, settingsFrom
 from dockerrouter.control import DEFAULT_CONTROL, controlSite
 from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.logging import FileLogsService, RouterLogger
@@ -87,12 +87,6 @@ class Options(FileOptions):
 
     optParameters = [
         [
-            "user-socket",
-            None,
-            DEFAULT_TEMPLATE,
-            "Path of each user's daemon socket; {uid} and {user} are filled in.",
-        ],
-        [
             "connect-timeout",
             None,
             5.0,
@@ -119,6 +113,21 @@ class Options(FileOptions):
             None,
             "Connections in total; more get HTTP 429. "
             "[default: what the descriptor limit allows]",
+            _count,
+        ],
+        [
+            "max-in-flight-per-user",
+            None,
+            DEFAULT_PER_USER // MiB,
+            "MiB of kernel memory (big pipes, grown socket buffers) one user's "
+            "bulk transfers may hold; beyond it they go at the pace of small buffers.",
+            _count,
+        ],
+        [
+            "max-in-flight",
+            None,
+            DEFAULT_TOTAL // MiB,
+            "MiB of kernel memory all bulk transfers together may hold.",
             _count,
         ],
         [
@@ -184,6 +193,9 @@ class Options(FileOptions):
         super().__init__()
         self["listen"] = []
         self["metrics"] = []
+        self["user-socket"] = []
+        # [[rule]] tables: only the configuration file has them.
+        self["rule"] = ()
 
     def opt_version(self) -> None:
         """
@@ -198,6 +210,15 @@ class Options(FileOptions):
         [default: unix:/var/run/docker.sock:mode=666:lockfile=1]
         """
         self["listen"].append(description)
+
+    def opt_user_socket(self, template: str) -> None:
+        """
+        A socket where each user's daemon may listen, tried in the order
+        given (repeatable); {uid}, {user} and {home} are filled in.
+        [default: /run/user/{uid}/docker.sock, /run/user/{uid}/podman/podman.sock,
+        {home}/.docker/run/docker.sock]
+        """
+        self["user-socket"].append(template)
 
     def opt_metrics(self, description: str) -> None:
         """
@@ -214,19 +235,11 @@ class Options(FileOptions):
             checkEndpoint(self["control"], "control")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        _checkTemplate(self["user-socket"])
-
-
-def _checkTemplate(template: str) -> None:
-    try:
-        path = template.format(uid=0, user="root")
-    except (KeyError, IndexError, ValueError) as e:
-        raise usage.UsageError(
-            f"bad --user-socket {template!r}: only {{uid}} and {{user}} can be "
-            f"filled in ({e!r})"
-        )
-    if not os.path.isabs(path):
-        raise usage.UsageError(f"--user-socket must be an absolute path: {template!r}")
+        for template in self["user-socket"]:
+            try:
+                checkTemplate(template)
+            except ValueError as e:
+                raise usage.UsageError(str(e))
 
 
 class CannotListen(Exception):
@@ -415,7 +428,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
     settings = settingsFor(options)
-    factory = RouterFactory(reactor, settings.resolver, settings.connectTimeout)
+    factory = RouterFactory(
+        reactor,
+        settings.resolver,
+        settings.connectTimeout,
+        budget=Budget(
+            reactor,
+            perUser=options["max-in-flight-per-user"] * MiB,
+            total=options["max-in-flight"] * MiB,
+        ),
+    )
     factory.settings = settings
     # Always there (its counts outlive a reload); used when settings.start.
     factory.starter = Starter(reactor, answers)

@@ -61,6 +61,8 @@ class User:
     uid: int
     gid: int
     home: str
+    # Supplementary groups its processes run with (none by default).
+    groups: tuple[int, ...] = ()
 
     @property
     def ownSocket(self) -> str:
@@ -96,7 +98,7 @@ class User:
         return dict(
             user=self.uid,
             group=self.gid,
-            extra_groups=[],
+            extra_groups=list(self.groups),
             env=env,
             cwd=self.home,
         )

@@ -292,6 +292,20 @@ def raiseNofile():
     return hard
 
 
+def _acceptAll(sock):
+    """
+    Accept every connection waiting on a non-blocking listening socket, as
+    non-blocking sockets.
+    """
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        yield conn
+
+
 def _selectEcho(sock):
     """
     An echo server for thousands of connections in one thread (a thread each
@@ -330,12 +344,7 @@ def _selectEcho(sock):
     while True:
         for key, events in selector.select():
             if key.data is None:
-                while True:
-                    try:
-                        conn, _ = sock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    conn.setblocking(False)
+                for conn in _acceptAll(sock):
                     state[conn] = [b"", False]
                     selector.register(conn, selectors.EVENT_READ, conn)
                     accepted += 1
@@ -361,6 +370,37 @@ def _selectEcho(sock):
             update(conn)
 
 
+def _selectFlood(sock):
+    """
+    A daemon that sends on every connection for ever, to thousands of
+    readers that never read, in one thread and from one shared buffer: what
+    piles up is then in the sockets (and in whatever relays them), not here.
+    """
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ, None)
+    data = b"x" * CHUNK
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                for conn in _acceptAll(sock):
+                    selector.register(conn, selectors.EVENT_WRITE, conn)
+                continue
+            try:
+                key.data.send(data)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                selector.unregister(key.data)
+                key.data.close()
+
+
+# Modes that serve thousands of connections from one thread.
+_SELECT_MODES = {"selectEcho": _selectEcho, "selectFlood": _selectFlood}
+
+
 def backend(conf):
     """
     Listen at C{conf["path"]} as whoever we run as, then serve each connection
@@ -383,11 +423,11 @@ def backend(conf):
         emit(event="ready", pid=os.getpid(), uid=os.getuid(), held=len(held))
         sys.stdin.read()  # Until the harness goes away.
         return
-    if mode == "selectEcho":
+    if mode in _SELECT_MODES:
         raiseNofile()
         sock.listen(conf.get("backlog", 4096))
         emit(event="ready", pid=os.getpid(), uid=os.getuid())
-        _selectEcho(sock)
+        _SELECT_MODES[mode](sock)
         return
     sock.listen(conf.get("backlog", 128))
     emit(event="ready", pid=os.getpid(), uid=os.getuid())

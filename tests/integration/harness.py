@@ -154,7 +154,11 @@ class Child:
     it ends when we do.
     """
 
-    def __init__(self, harness, name, conf, uid=None):
+    def __init__(self, harness, name, conf, uid=None, gid=None, groups=()):
+        """
+        @param gid: its primary group (default: C{uid}).
+        @param groups: its supplementary groups.
+        """
         self.name = name
         self.uid = uid
         self.events = []
@@ -163,8 +167,8 @@ class Child:
         stderr = open(self.stderrPath, "wb")
         drop = {}
         if uid is not None:
-            # extra_groups=[] so the child does not keep root's groups.
-            drop = dict(user=uid, group=uid, extra_groups=[])
+            # extra_groups so the child does not keep root's groups.
+            drop = dict(user=uid, group=uid if gid is None else gid, extra_groups=list(groups))
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-I", "-c", childSource(), json.dumps(conf)],
@@ -303,8 +307,8 @@ class Agent(Child):
     A client running as some uid, driven one command at a time.
     """
 
-    def __init__(self, harness, name, uid):
-        Child.__init__(self, harness, name, dict(role="agent"), uid)
+    def __init__(self, harness, name, uid, gid=None, groups=()):
+        Child.__init__(self, harness, name, dict(role="agent"), uid, gid, groups)
         self.ready = self.waitReady()
         self._next = len(self.events)
 
@@ -463,6 +467,41 @@ class Router:
             kinds[kind] = kinds.get(kind, 0) + 1
         return kinds
 
+    def inFlight(self):
+        """
+        Bytes the router holds in flight, as the kernel counts them: in its
+        pipes (FIONREAD) and queued on its sockets for peers that have not
+        read them (SIOCOUTQ, overhead included), each asked on a duplicate
+        of the router's descriptor (pidfd_getfd, Linux 5.6).
+        """
+        import ctypes
+        import fcntl
+        import struct
+        import termios
+
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        pidfd = os.pidfd_open(self.pid)
+        total = 0
+        try:
+            for name in os.listdir("/proc/%d/fd" % (self.pid,)):
+                try:
+                    kind = os.readlink("/proc/%d/fd/%s" % (self.pid, name)).split(":")[0]
+                except FileNotFoundError:
+                    continue
+                ask = {"pipe": termios.FIONREAD, "socket": termios.TIOCOUTQ}.get(kind)
+                fd = syscall(438, pidfd, int(name), 0) if ask else -1  # pidfd_getfd
+                if fd < 0:
+                    continue
+                try:
+                    total += struct.unpack("i", fcntl.ioctl(fd, ask, b"\0" * 4))[0]
+                except OSError:
+                    pass  # a listening socket
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(pidfd)
+        return total
+
     def logMatches(self, pattern):
         return [m for m in re.finditer(pattern, self.log(), re.MULTILINE)]
 
@@ -594,8 +633,9 @@ class Harness:
         record = os.path.join(where, "%s.record" % (self._name("decoy"),))
         return self.startBackend(uid, "record", path, record=record)
 
-    def startAgent(self, uid):
-        return Agent(self, self._name("agent-%d" % (uid,)), None if uid == 0 else uid)
+    def startAgent(self, uid, gid=None, groups=()):
+        """A client of C{uid}, in primary group C{gid} and C{groups} if given."""
+        return Agent(self, self._name("agent-%d" % (uid,)), None if uid == 0 else uid, gid, groups)
 
     def startEchoLoop(self, uid, path, **conf):
         """

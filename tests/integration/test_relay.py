@@ -11,6 +11,15 @@ from tests.integration.harness import UID_A, UID_B, IntegrationTestCase, pollUnt
 MiB = 1 << 20
 
 
+def memAvailable():
+    """The kernel's MemAvailable, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
 class TransferTests(IntegrationTestCase):
     """
     64 MiB each way, with checksums computed at the far end.
@@ -149,6 +158,52 @@ class BackpressureTests(IntegrationTestCase):
             "router RSS grew from %d to %d bytes while the backend had sent %d"
             % (baseline, peak, progress["bytes"]),
         )
+
+
+class StalledReaderTests(IntegrationTestCase):
+    """
+    Kernel memory in flight is bounded per user, whoever reads how slowly.
+    """
+
+    def test_stalledReadersOfOneUserPinLittle(self):
+        """
+        1024 connections of one user to a daemon that sends for ever, none of
+        them read: what the router holds, and what the host loses, stay far
+        below the gigabytes that 1 MiB pipes and grown buffers per connection
+        would pin (over 2 GiB each before the budget; the host's bound is
+        generous, the host is shared), and another user's download still
+        goes through whole.
+        """
+        router = self.harness.startRouter()
+        self.harness.startBackend(UID_A, "selectFlood")
+        self.harness.startBackend(UID_B, "source", seed=8, size=64 * MiB)
+        stalled = self.harness.startAgent(UID_A)
+        other = self.harness.startAgent(UID_B)
+        before = memAvailable()
+        held = stalled.call("holdMany", path=router.listenPath, count=1024, probe=False)
+        self.assertEqual(held["connects"], {"ok": 1024}, router.evidence())
+
+        # Wait for the streams to fill whatever they may: the router's count
+        # standing still (MemAvailable is the whole host's, and never still).
+        samples = []
+
+        def settled():
+            samples.append(router.inFlight())
+            return len(samples) >= 3 and len(set(samples[-3:])) == 1 and samples[-1] > 0
+
+        pollUntil(settled, 120, interval=0.5, what="the stalled streams to fill")
+        fallen = before - memAvailable()
+        self.assertLess(fallen, 768 * MiB, "MemAvailable fell by %d MiB" % (fallen // MiB,))
+        # The router's own part, exactly: a small read per stalled connection
+        # and the user's share of big pipes and buffers (2 GiB without them).
+        self.assertLess(samples[-1], 96 * MiB, "the router holds %d MiB" % (samples[-1] // MiB,))
+
+        other.call("connect", path=router.listenPath)
+        received = other.call("recvAll", keep=0)
+        self.assertEqual(received["error"], None, router.evidence())
+        expected = (64 * MiB, children.patternDigest(8, 64 * MiB))
+        self.assertEqual((received["len"], received["sha"]), expected)
+        self.assertEqual(router.process.poll(), None)
 
 
 class DeathTests(IntegrationTestCase):

@@ -8,7 +8,7 @@ import stat
 
 from twisted.internet.testing import StringTransport
 
-from dockerrouter.credentials import _UCRED, SO_PEERGROUPS, Credentials
+from dockerrouter.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
 
 
 class FakeSocket:
@@ -18,8 +18,9 @@ class FakeSocket:
     credentials it was given.
     """
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, groups: tuple[int, ...] = ()) -> None:
         self.credentials = credentials
+        self.groups = groups
         self._sock, self._peer = socket.socketpair()
         self._sock.setblocking(False)
         self.fd = self._sock.fileno()
@@ -34,10 +35,13 @@ class FakeSocket:
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert level == socket.SOL_SOCKET
         if option == SO_PEERGROUPS:
-            return b""
+            return b"".join(_GID.pack(gid) for gid in self.groups)
         assert (option, size) == (socket.SO_PEERCRED, _UCRED.size)
         c = self.credentials
         return _UCRED.pack(c.pid, c.uid, c.gid)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self._sock.setsockopt(level, option, value)
 
 
 class PeerTransport(StringTransport):

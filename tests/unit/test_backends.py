@@ -29,10 +29,10 @@ from dockerrouter.backends import (
     explainConnectFailure,
     findSetupTool,
     forTheUser,
-    userName,
     verifyDaemon,
 )
 from dockerrouter.credentials import Credentials
+from dockerrouter.routing import Account, accountOf
 from dockerrouter.visibility import Found, Missing
 
 
@@ -46,21 +46,21 @@ class ResolverTests(SynchronousTestCase):
     def test_fillsUidAndUser(self) -> None:
         resolver = BackendResolver("/srv/{user}/{uid}.sock", lookupName={1000: "alice"}.__getitem__)
         self.assertEqual(
-            resolver.resolve(Credentials(pid=5, uid=1000, gid=1000)),
-            Backend("/srv/alice/1000.sock", 1000, "alice"),
+            resolver.resolve(Credentials(pid=5, uid=1000, gid=1000)).candidates,
+            (Backend("/srv/alice/1000.sock", 1000, "alice", 1000, "/srv/{user}/{uid}.sock"),),
         )
 
     def test_nameFromUserDatabase(self) -> None:
-        self.assertEqual(userName(0), "root")
+        self.assertEqual(accountOf(0), Account("root", "/root"))
 
     def test_uidWithoutName(self) -> None:
         """
         A uid the user database doesn't know still routes, by number.
         """
-        self.assertEqual(userName(2**31 - 7), str(2**31 - 7))
-        backend = BackendResolver("/run/user/{uid}/{user}.sock").resolve(
+        self.assertEqual(accountOf(2**31 - 7), Account(str(2**31 - 7)))
+        (backend,) = BackendResolver("/run/user/{uid}/{user}.sock").resolve(
             Credentials(pid=1, uid=2**31 - 7, gid=0)
-        )
+        ).candidates
         self.assertEqual(backend.path, f"/run/user/{2**31 - 7}/{2**31 - 7}.sock")
 
 
@@ -156,26 +156,6 @@ class ExplainTests(SynchronousTestCase):
                 self.assertIn(part, reason.message)
 
 
-class RecentNamesTests(SynchronousTestCase):
-    def test_rememberedForAWhile(self) -> None:
-        from twisted.internet.task import Clock
-
-        from dockerrouter import backends
-
-        clock = Clock()
-        lookups: list[int] = []
-        def userName(uid: int) -> str:
-            lookups.append(uid)
-            return f"user{len(lookups)}"
-
-        self.patch(backends, "userName", userName)
-        names = backends.RecentNames(clock.seconds, ttl=60)
-        self.assertEqual([names(1000), names(1000), names(1001)], ["user1", "user1", "user2"])
-        clock.advance(60)
-        self.assertEqual(names(1000), "user3")
-        self.assertEqual(lookups, [1000, 1001, 1000])
-
-
 class ForTheUserTests(SynchronousTestCase):
     """
     What the client may read: specific only about what they could see.
@@ -244,8 +224,8 @@ class AdviceTests(SynchronousTestCase):
 
     def test_setupToolWhereDebianPutsIt(self) -> None:
         """
-        Issue 8.7: Debian's docker.io keeps it out of PATH; the advice names
-        its full path.
+        Issue 8.7: Debian's docker.io keeps it out of PATH; the advice puts
+        its directory on PATH (the tool runs its sibling scripts by name).
         """
         directory = self.mktemp()
         os.mkdir(directory)
@@ -254,9 +234,9 @@ class AdviceTests(SynchronousTestCase):
             f.write("#!/bin/sh\n")
         os.chmod(tool, 0o755)
         found = findSetupTool(which=lambda name: None, directories=("/nonexistent", directory))
-        self.assertEqual(found, tool)
+        self.assertEqual(found, f"PATH={directory}:$PATH {SETUP_TOOL}")
         message = Advice(setupTool=found).render(NoDaemon(ALICE))
-        self.assertIn(f"`{tool} install --force`", message)
+        self.assertIn(f"`PATH={directory}:$PATH {SETUP_TOOL} install --force`", message)
         self.assertEqual(findSetupTool(which=lambda name: None, directories=()), SETUP_TOOL)
 
     def test_siteTextReplaces(self) -> None:

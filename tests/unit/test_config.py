@@ -35,7 +35,7 @@ class FileTests(SynchronousTestCase):
         )
         self.assertEqual(options["max-connections-per-user"], 50)
         self.assertEqual(options["connect-timeout"], 2.5)
-        self.assertEqual(options["user-socket"], "/srv/{user}/docker.sock")
+        self.assertEqual(options["user-socket"], ["/srv/{user}/docker.sock"])
         self.assertEqual(options["metrics"], ["unix:/tmp/m.sock", "tcp:9999:interface=127.0.0.1"])
         self.assertTrue(options["metrics-per-user"])
 
@@ -54,7 +54,7 @@ class FileTests(SynchronousTestCase):
             ("\nmax-connections = 0\n", "line 2: max-connections: 0 is not a positive whole number"),
             ('metrics = "unix:/tmp/m.sock"\n', "line 1: metrics must be a list of strings"),
             ('no-subuid = "yes"\n', "line 1: no-subuid must be true or false"),
-            ("user-socket = 3\n", "line 1: user-socket must be a string"),
+            ("user-socket = 3\n", "line 1: user-socket must be a list of strings"),
         ]
         for text, expected in cases:
             with self.assertRaises(UsageError) as caught:
@@ -145,5 +145,5 @@ class ExampleTests(SynchronousTestCase):
         path.setContent("\n".join(lines).encode())
         options = Options()
         config.applyFile(options, path.path)
-        everything = {row[0] for row in Options.optParameters + Options.optFlags} | {"listen", "metrics"}
+        everything = {row[0] for row in Options.optParameters + Options.optFlags} | {"listen", "metrics", "user-socket"}
         self.assertEqual(set(config.readFile(path.path)[0]), everything - {"config"})

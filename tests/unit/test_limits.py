@@ -232,7 +232,7 @@ class SubordinateIdTests(SynchronousTestCase):
         reaches alice's daemon, which must run as alice.
         """
         resolver = self.resolver({1: 1000})
-        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=object())
+        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=object()).candidates[0]
         self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))
 
     def test_resolverWithoutProof(self) -> None:
@@ -242,9 +242,9 @@ class SubordinateIdTests(SynchronousTestCase):
         """
         resolver = self.resolver({2: None, 3: 1001})
         for pid in (2, 3, 4):
-            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=object())
+            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=object()).candidates[0]
             self.assertEqual(backend.uid, 100999)
-        self.assertEqual(resolver.resolve(Credentials(pid=1, uid=100999, gid=0)).uid, 100999)
+        self.assertEqual(resolver.resolve(Credentials(pid=1, uid=100999, gid=0)).candidates[0].uid, 100999)
 
     def test_resolverAsksOnlyForSubordinates(self) -> None:
         """
@@ -252,7 +252,7 @@ class SubordinateIdTests(SynchronousTestCase):
         a uid in no range.
         """
         resolver = self.resolver({})
-        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=object()).uid, 1000)
+        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=object()).candidates[0].uid, 1000)
         self.assertEqual(self.asked, [])
 
 

@@ -6,6 +6,7 @@ before anything moves, connect retries, rejection, records and the drain.
 
 import errno
 import os
+import stat
 from typing import Optional
 
 import attrs
@@ -16,10 +17,11 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import Backend, BackendResolver
+from dockerrouter.backends import Backend, BackendResolver, Route
 from dockerrouter.credentials import Credentials
 from dockerrouter import relay
 from dockerrouter.relay import RouterFactory, ServerProtocol
+from dockerrouter.routing import Account, Lookups
 from dockerrouter.visibility import Found, Missing
 from dockerrouter.splice import Splicer
 from dockerrouter.starter import StartTimedOut
@@ -222,7 +224,7 @@ class FakeStarter:
         self.requests: list[tuple[Backend, float, Deferred]] = []
         self.cancelled: list[Backend] = []
 
-    def start(self, backend: Backend, timeout: float) -> Deferred:
+    def start(self, backend: Backend, timeout: float, ready: object = None) -> Deferred:
         d: Deferred = Deferred(lambda _: self.cancelled.append(backend))
         self.requests.append((backend, timeout, d))
         return d
@@ -273,9 +275,30 @@ class OnDemandStartTests(RelayHarness):
         self.assertIn(b"within 7 seconds", clientTransport.value())
         self.assertEqual(self.factory.results["start-timeout"], 1)
 
+    def route(self, *candidates: Backend) -> None:
+        self.patch(self.factory.settings.resolver, "resolve", lambda client, sock=None: Route(candidates))
+
+    def test_theChainIsTriedAgainFromItsStart(self) -> None:
+        first, second = Backend("/a/1000.sock", 1000, "alice"), Backend("/b/1000.sock", 1000, "alice")
+        self.route(first, second)
+        server, _ = self.connectClient()
+        self.assertEqual(self.connects, ["/a/1000.sock", "/b/1000.sock"])
+        [(backend, _, d)] = self.starter.requests
+        self.assertEqual(backend, first)
+        self.openError = None
+        d.callback(None)
+        self.assertEqual(self.connects[2:], ["/a/1000.sock"])
+        self.assertIsInstance(server._splicer, Splicer)
+
+    def test_notForAnotherOwnersDaemon(self) -> None:
+        """A rule's daemon of someone else's (root's, for a group) is not the user's to start."""
+        self.route(Backend("/run/docker-system.sock", 1000, "alice", owner=0))
+        self.connectClient()
+        self.assertEqual(self.starter.requests, [])
+
     def test_anAnswerAtOnce(self) -> None:
         """A starter that answers at once (a system account, a cool-down)."""
-        self.starter.start = lambda backend, timeout: succeed(None)  # type: ignore[method-assign]
+        self.starter.start = lambda backend, timeout, ready=None: succeed(None)
         server, clientTransport = self.connectClient()
         server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
         self.assertIn(b"No Docker daemon is running for user alice", clientTransport.value())
@@ -340,3 +363,175 @@ class DrainTests(SynchronousTestCase):
         self.factory.drain(10)
         self.reactor.advance(10)
         self.assertTrue(transport.aborted)
+
+
+class ChainTests(SynchronousTestCase):
+    """
+    A chain of candidate sockets: what passes to the next one, what stops
+    at once, and one message for a chain where nothing works.
+    """
+
+    chain = ("/run/user/{uid}/docker.sock", "/run/user/{uid}/podman/podman.sock", "/home/{user}/d.sock")
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pending: list[Deferred] = []
+        self.lookups = Lookups(self.reactor.seconds, self.inThread, account={1000: Account("alice")}.__getitem__)
+        self.factory = RouterFactory(
+            self.reactor, BackendResolver(self.chain, lookups=self.lookups), connectTimeout=5
+        )
+        self.factory.routerPid = lambda: ROUTER_PID
+        self.factory.openSocketFile = self.openSocketFile
+        self.factory.connectUnix = self.connectUnix
+        self.opened: list[str] = []
+        self.daemons: list[FakeDaemonSocket] = []
+        # path -> what is there: an OSError, or the daemon's credentials.
+        self.there: dict[str, object] = {}
+        self._daemon: object = None
+        # What alice sees: what is there (socketFile's inode), or nothing.
+        self.patch(relay, "look", lambda path, viewer: Found(1, 1) if path in self.there else Missing(path))
+
+    def inThread(self, function, key) -> Deferred:
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d.addCallback(lambda _: function(key))
+
+    def openSocketFile(self, path: str):
+        self.opened.append(path)
+        what = self.there.get(path, FileNotFoundError(errno.ENOENT, "missing"))
+        if isinstance(what, OSError):
+            raise what
+        if what == "file":
+            fd, st = socketFile(1000)
+            return fd, os.stat_result((stat.S_IFREG | 0o644,) + tuple(st)[1:])
+        if what == "stale":
+            self._daemon = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+            return socketFile(1000)
+        assert isinstance(what, Credentials)
+        self._daemon = what
+        return socketFile(what.uid)
+
+    def connectUnix(self, path: str) -> FakeDaemonSocket:
+        if isinstance(self._daemon, OSError):
+            raise self._daemon
+        assert isinstance(self._daemon, Credentials)
+        sock = FakeDaemonSocket(self._daemon)
+        self.daemons.append(sock)
+        return sock
+
+    def connect(self, client: Credentials = ALICE) -> tuple[ServerProtocol, PeerTransport]:
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(client)
+        server.makeConnection(transport)
+        while self.pending:
+            self.pending.pop(0).callback(None)
+        return server, transport
+
+    def test_missingThenRelayed(self) -> None:
+        """
+        Nothing at the first path: the second (Podman's) is relayed, and
+        the record and the metrics name it.
+        """
+        self.there["/run/user/1000/podman/podman.sock"] = ALICE_DAEMON
+        server, _ = self.connect()
+        self.assertIsInstance(server._splicer, Splicer)
+        self.assertEqual(self.opened, ["/run/user/1000/docker.sock", "/run/user/1000/podman/podman.sock"])
+        self.assertEqual(self.factory.sockets, {"/run/user/{uid}/podman/podman.sock": 1})
+        with capturedLogs() as events:
+            server._relayEnded(None)
+        self.assertEqual([e["backend"] for e in events], ["/run/user/1000/podman/podman.sock"])
+
+    def test_refusedAndNotASocketPassOn(self) -> None:
+        self.there["/run/user/1000/docker.sock"] = "stale"
+        self.there["/run/user/1000/podman/podman.sock"] = "file"
+        self.there["/home/alice/d.sock"] = ALICE_DAEMON
+        self.assertIsInstance(self.connect()[0]._splicer, Splicer)
+        self.assertEqual(len(self.opened), 3)
+
+    def test_wrongOwnerStops(self) -> None:
+        """
+        A daemon of another uid at the first path is refused at once: the
+        good daemon at the second path is never tried.
+        """
+        self.there["/run/user/1000/docker.sock"] = Credentials(pid=7, uid=1001, gid=1001)
+        self.there["/run/user/1000/podman/podman.sock"] = ALICE_DAEMON
+        server, transport = self.connect()
+        self.assertIsNone(server._splicer)
+        self.assertEqual(self.opened, ["/run/user/1000/docker.sock"])
+        server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
+        self.assertIn(b"403 Forbidden", transport.value())
+        self.assertEqual(self.factory.results["wrong-owner"], 1)
+
+    def test_loopStops(self) -> None:
+        self.there["/run/user/1000/docker.sock"] = Credentials(pid=ROUTER_PID, uid=1000, gid=0)
+        self.there["/run/user/1000/podman/podman.sock"] = ALICE_DAEMON
+        server, _ = self.connect()
+        self.assertEqual((server._splicer, len(self.opened)), (None, 1))
+
+    def test_noneWorked(self) -> None:
+        """
+        One message lists every path tried and why; it is counted as a
+        missing daemon.
+        """
+        self.there["/run/user/1000/podman/podman.sock"] = "stale"
+        server, transport = self.connect()
+        server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
+        body = transport.value().decode()
+        self.assertIn("503 Service Unavailable", body)
+        self.assertIn(
+            "No Docker daemon is running for user alice (uid 1000): tried "
+            "/run/user/1000/docker.sock: nothing there; "
+            "/run/user/1000/podman/podman.sock: refuses connections (a stale socket); "
+            "/home/alice/d.sock: nothing there; start your rootless daemon",
+            body,
+        )
+        self.assertEqual(self.factory.results["missing"], 1)
+
+    def test_aLookupHoldsOnlyItsOwnConnection(self) -> None:
+        """
+        While alice's name is looked up, her connection waits, paused and
+        uncounted; bob's (his name known) is relayed meanwhile; then hers.
+        """
+        bob = Credentials(pid=77, uid=1001, gid=1001)
+        self.lookups = Lookups(self.reactor.seconds, self.inThread, account={1000: Account("alice"), 1001: Account("bob")}.__getitem__)
+        self.factory.settings.resolver.lookups = self.lookups
+        self.there["/run/user/1000/docker.sock"] = ALICE_DAEMON
+        self.there["/run/user/1001/docker.sock"] = Credentials(pid=78, uid=1001, gid=1001)
+        self.pending.append(Deferred())
+        self.pending.pop().callback(None)
+        alice = self.factory.buildProtocol(None)
+        assert isinstance(alice, ServerProtocol)
+        aliceTransport = PeerTransport(ALICE)
+        alice.makeConnection(aliceTransport)
+        [aliceLookup] = self.pending
+        self.pending.clear()
+        bobServer, _ = self.connect(bob)  # bob's lookup answers at once
+        self.assertIsInstance(bobServer._splicer, Splicer)
+        self.assertIsNone(alice._splicer)
+        self.assertEqual(aliceTransport.producerState, "paused")
+        self.assertEqual(self.factory.relays, {bobServer})
+        aliceLookup.callback(None)
+        self.assertIsInstance(alice._splicer, Splicer)
+        self.assertEqual(self.opened, ["/run/user/1001/docker.sock", "/run/user/1000/docker.sock"])
+
+    def test_clientGoneWhileLookedUp(self) -> None:
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        server.makeConnection(PeerTransport(ALICE))
+        with capturedLogs() as events:
+            server.connectionLost(Failure(error.ConnectionLost()))
+        self.pending.pop().callback(None)
+        self.assertEqual((self.opened, events, self.factory.relays), ([], [], set()))
+
+    def test_lookupFails(self) -> None:
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(ALICE)
+        server.makeConnection(transport)
+        with capturedLogs():
+            self.pending.pop().errback(OSError("sssd is down"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
+        self.assertIn(b"could not look up user 1000 (uid 1000) in the user database (sssd is down)", transport.value())
+        self.assertEqual(self.factory.results["lookup"], 1)

@@ -5,6 +5,9 @@ backpressure, which in-memory transports can't show.
 
 import hashlib
 import os
+import socket
+
+from typing import Optional
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -16,7 +19,9 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from dockerrouter.backends import BackendResolver
+from dockerrouter.budget import SWEEP_INTERVAL, Budget
 from dockerrouter.relay import RouterFactory
+from dockerrouter.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
 
 @implementer(IHalfCloseableProtocol)
@@ -94,6 +99,15 @@ class Firehose(Peer):
         self._producing = False
 
 
+class Burst(Peer):
+    """A daemon that writes C{size} bytes at once, then waits."""
+
+    size = 512 * 1024
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"b" * self.size)
+
+
 def pollUntil(condition, timeout: float = 10.0) -> defer.Deferred:
     """Fire once C{condition()} is true; fail after C{timeout} seconds."""
 
@@ -110,7 +124,7 @@ def pollUntil(condition, timeout: float = 10.0) -> defer.Deferred:
 class RealSocketTests(TestCase):
     timeout = 15
 
-    def startRouter(self, backendProtocol: type) -> None:
+    def startRouter(self, backendProtocol: type, budget: Optional[Budget] = None) -> None:
         directory = self.mktemp()
         os.makedirs(directory)
         self.backends: list[Peer] = []
@@ -125,7 +139,7 @@ class RealSocketTests(TestCase):
         backendPort = IReactorUNIX(reactor).listenUNIX(f"{directory}/{os.getuid()}.sock", backendFactory)
         self.addCleanup(backendPort.stopListening)
         self.router = RouterFactory(
-            reactor, BackendResolver(directory + "/{uid}.sock"), connectTimeout=5
+            reactor, BackendResolver(directory + "/{uid}.sock"), connectTimeout=5, budget=budget
         )
         # Backend and router share this process; only the uid is checked here.
         self.router.routerPid = lambda: -1
@@ -241,3 +255,144 @@ class RealSocketTests(TestCase):
             yield pollUntil(lambda: not self.router.relays)
         [record] = [e for e in events if "bytesToDocker" in e]
         self.assertTrue(record["end"].startswith("docker:"), record["end"])
+
+
+def sndbuf(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def stalled(relay) -> bool:
+    """The daemon-to-client direction has stopped reading: its sink is full."""
+    down = relay._splicer._down
+    return down.pending > 0 and down.source not in reactor.getReaders()
+
+
+class BudgetTests(RealSocketTests):
+    """
+    What a stalled direction may hold: little without a grant of the budget,
+    a bulk transfer's worth with one, and the grant only while it is needed.
+    The budget sweeps on a Clock of its own, so each sweep is a step here.
+    """
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+
+    @defer.inlineCallbacks
+    def test_stalledWithoutGrantHoldsLittle(self):
+        """
+        A user with no share left: their stalled download holds one small
+        read in the pipe and a small send buffer's worth in the client's
+        socket, the rest stays with the daemon, and every byte still arrives
+        once the client reads.
+        """
+        self.startRouter(Firehose, Budget(self.clock, perUser=GRANT - 1))
+        client = yield defer.ensureDeferred(self.connectClient())
+        client.transport.pauseProducing()
+        yield pollUntil(lambda: self.router.relays and stalled(next(iter(self.router.relays))))
+        [relay] = self.router.relays
+        down = relay._splicer._down
+        self.assertFalse(down.big)
+        self.assertLessEqual(down.pending, SMALL)
+        # One small read went into the client's socket whole (the kernel's
+        # count has some overhead on top).
+        self.assertLessEqual(queued(relay._splicer._client.sock), SMALL + 2 * SMALL_SNDBUF)
+        self.assertEqual(self.router.budget.used, 0)
+        client.transport.resumeProducing()
+        yield client.readEnded
+        self.assertEqual(hashlib.sha256(client.received).hexdigest(), self.backends[0].digest.hexdigest())
+
+    @defer.inlineCallbacks
+    def test_grantsStopAtTheUsersShare(self):
+        """
+        Three stalled downloads of one user with room for two grants: two
+        go big, the third stays small, and the user holds two grants.
+        """
+        self.startRouter(Firehose, Budget(self.clock, perUser=2 * GRANT))
+        clients = []
+        for _ in range(3):
+            client = yield defer.ensureDeferred(self.connectClient())
+            client.transport.pauseProducing()
+            clients.append(client)
+        yield pollUntil(lambda: len(self.router.relays) == 3 and all(map(stalled, self.router.relays)))
+        downs = [relay._splicer._down for relay in self.router.relays]
+        self.assertEqual(sorted(d.big for d in downs), [False, True, True])
+        [small] = [d for d in downs if not d.big]
+        self.assertLessEqual(small.pending, SMALL)
+        self.assertEqual(self.router.budget.heldBy(os.getuid()), 2 * GRANT)
+
+    @defer.inlineCallbacks
+    def test_grantHeldUntilThePeerHasRead(self):
+        """
+        A burst that the router has passed on whole but the client has not
+        read still sits in the grown buffer: the grant is kept through any
+        number of sweeps, and given back (the buffer small again) at the
+        first sweep after the client has read it all.
+        """
+        self.startRouter(Burst, Budget(self.clock))
+        client = yield defer.ensureDeferred(self.connectClient())
+        client.transport.pauseProducing()
+        yield pollUntil(
+            lambda: self.router.relays
+            and next(iter(self.router.relays))._splicer._down.count == Burst.size
+        )
+        [relay] = self.router.relays
+        down = relay._splicer._down
+        clientSide = relay._splicer._client.sock
+        yield pollUntil(lambda: not down.pending)
+        self.assertTrue(down.big)
+        for _ in range(3):
+            self.clock.advance(SWEEP_INTERVAL)
+        self.assertTrue(down.big)
+        self.assertEqual(self.router.budget.used, GRANT)
+        self.assertGreater(queued(clientSide), SMALL + 2 * SMALL_SNDBUF)
+        client.transport.resumeProducing()
+        yield pollUntil(lambda: len(client.received) == Burst.size)
+        self.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual((down.big, self.router.budget.used), (False, 0))
+        self.assertEqual(sndbuf(clientSide), 2 * SMALL_SNDBUF)
+        # Still relaying, small.
+        self.backends[0].transport.write(b"more")
+        yield pollUntil(lambda: len(client.received) == Burst.size + 4)
+        self.backends[0].transport.loseConnection()
+        client.transport.loseWriteConnection()
+        yield pollUntil(lambda: not self.router.relays)
+
+    @defer.inlineCallbacks
+    def test_relayEndGivesGrantBack(self):
+        """
+        A finished bulk transfer gives its grant back with its relay.
+        """
+        self.startRouter(Firehose, Budget(self.clock))
+        client = yield defer.ensureDeferred(self.connectClient())
+        yield pollUntil(lambda: self.router.budget.used)
+        yield client.readEnded
+        client.transport.loseWriteConnection()
+        yield pollUntil(lambda: not self.router.relays)
+        self.assertEqual(self.router.budget.used, 0)
+
+    @defer.inlineCallbacks
+    def test_endedRelayKeepsGrantUntilThePeerHasRead(self):
+        """
+        A relay that ends while its client has yet to read a burst keeps the
+        grant, and the socket that holds the burst, until the client has
+        read it: closing it earlier would leave the bytes pinned in the
+        client's queue and no longer counted.
+        """
+        self.startRouter(Burst, Budget(self.clock))
+        client = yield defer.ensureDeferred(self.connectClient())
+        client.transport.pauseProducing()
+        yield pollUntil(lambda: self.router.relays)
+        [relay] = self.router.relays
+        clientSide = relay._splicer._client.sock
+        yield pollUntil(lambda: relay._splicer._down.count == Burst.size)
+        self.backends[0].transport.loseConnection()
+        client.transport.loseWriteConnection()
+        yield pollUntil(lambda: not self.router.relays)
+        self.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual(self.router.budget.used, GRANT)
+        self.assertNotEqual(clientSide.fileno(), -1)
+        client.transport.resumeProducing()
+        self.assertEqual(len((yield client.readEnded)), Burst.size)
+        self.clock.advance(SWEEP_INTERVAL)
+        self.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual((self.router.budget.used, clientSide.fileno()), (0, -1))

@@ -31,7 +31,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         options = parse()
         self.assertEqual(options["listen"], ["unix:/var/run/docker.sock:mode=666:lockfile=1"])
-        self.assertEqual(options["user-socket"], "/run/user/{uid}/docker.sock")
+        self.assertEqual(options["user-socket"], [])
         self.assertEqual((options["connect-timeout"], options["shutdown-timeout"]), (5, 10))
 
     def test_version(self) -> None:
@@ -55,7 +55,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["listen"], ["unix:/tmp/a.sock", "tcp:2375:interface=127.0.0.1"])
 
     def test_badTemplate(self) -> None:
-        for template in ("/run/{home}/docker.sock", "/run/{0}", "relative/{uid}.sock"):
+        for template in ("/run/{gid}/docker.sock", "/run/{0}", "relative/{uid}.sock"):
             self.assertRaises(UsageError, parse, "--user-socket", template)
 
     def test_badTimeouts(self) -> None:
@@ -167,6 +167,15 @@ class ServiceTests(SynchronousTestCase):
             [(p[0], p[2], p[3]) for p in reactor.unixServers],
             [(path, DEFAULT_BACKLOG, 0o666), (other, 7, 0o666)],
         )
+
+    def test_inFlightBudget(self) -> None:
+        """The in-flight options, in MiB, reach the factory's budget."""
+        options = parse("--max-in-flight-per-user", "8", "--max-in-flight", "64")
+        service = makeService(options, reactor=_ListeningReactor())
+        [factory] = {child.factory for child in service if hasattr(child, "factory")}
+        self.assertEqual((factory.budget.perUser, factory.budget.total), (8 << 20, 64 << 20))
+        defaults = parse()
+        self.assertEqual((defaults["max-in-flight-per-user"], defaults["max-in-flight"]), (16, 256))
 
     def test_withBacklog(self) -> None:
         self.assertEqual(withBacklog("unix:/x"), f"unix:/x:backlog={DEFAULT_BACKLOG}")
