@@ -9,13 +9,17 @@ so that an upgrade that changes one fails a test instead of a host.
 
 import os
 import socket
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
-from twisted.internet import tcp
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp, unix
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.python import lockfile
+from twisted.python.failure import Failure
 
 
-def raiseListenErrors(service) -> None:
+def raiseListenErrors(service: StreamServerEndpointService) -> None:
     """
     Make a L{StreamServerEndpointService}'s C{privilegedStartService} raise
     a listen failure, rather than log it and run on without the listener
@@ -27,7 +31,7 @@ def raiseListenErrors(service) -> None:
     service._raiseSynchronously = True
 
 
-def listeningPort(service):
+def listeningPort(service: StreamServerEndpointService) -> unix.Port:
     """
     The port a L{StreamServerEndpointService} listens on, once its
     C{privilegedStartService} has run (a Unix or adopted endpoint listens at
@@ -39,14 +43,15 @@ def listeningPort(service):
     return service._waitingForPort.result
 
 
-def replaceListeningSocket(port, wrap: Callable[[socket.socket], object]) -> None:
+def replaceListeningSocket(port: tcp.Port, wrap: Callable[[socket.socket], object]) -> None:
     """
     Put C{wrap(port.socket)} in the place of a listening port's socket.
 
     Assumes: the port calls C{self.socket.accept()} in C{doRead}, and looks
     the socket up on every call.
     """
-    port.socket = wrap(port.socket)
+    # The wrapper stands in for the socket: the port calls nothing else on it.
+    port.socket = cast(socket.socket, wrap(port.socket))
 
 
 def bindInode(path: str) -> tuple[int, int]:
@@ -56,7 +61,7 @@ def bindInode(path: str) -> tuple[int, int]:
 
 
 def guardStop(
-    port, own: Optional[tuple[int, int]], leftAlone: Callable[[str], None]
+    port: unix.Port, own: Optional[tuple[int, int]], leftAlone: Callable[[str], None]
 ) -> None:
     """
     Make a Unix port's stop leave alone what isn't its own.
@@ -78,7 +83,7 @@ def guardStop(
     if own is None:
         port._shouldShutdown = False
 
-    def connectionLost(reason) -> None:
+    def connectionLost(reason: Failure) -> None:
         if own is not None:
             try:
                 if bindInode(path) == own:
@@ -91,7 +96,7 @@ def guardStop(
             port.lockFile.unlock()
         tcp.Port.connectionLost(port, reason)
 
-    port.connectionLost = connectionLost
+    port.connectionLost = connectionLost  # type: ignore[method-assign]  # on this port only
 
 
 def lockHolder(path: str) -> Optional[int]:
@@ -132,18 +137,19 @@ def dropOwnLock(path: str) -> None:
         pass
 
 
-def forgetExitSignal(reactor) -> None:
+def forgetExitSignal(reactor: object) -> None:
     """
     Make twistd exit 0 after a shutdown that a signal asked for.
 
-    Assumes: the reactor records SIGTERM or SIGINT in C{_exitSignal}, which
-    twistd reads once the reactor has stopped and re-raises on itself.
+    Assumes: a reactor that provides C{_ISupportsExitSignalCapturing}
+    records SIGTERM or SIGINT in C{_exitSignal}, which twistd reads once the
+    reactor has stopped and re-raises on itself.
     """
-    if getattr(reactor, "_exitSignal", None) is not None:
+    if _ISupportsExitSignalCapturing.providedBy(reactor):
         reactor._exitSignal = None
 
 
-def dropTransport(transport) -> None:
+def dropTransport(transport: FileDescriptor) -> None:
     """
     Let go of a connection's transport without closing its socket, whose
     descriptor the relay now owns (through C{getHandle()}).

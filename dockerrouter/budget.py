@@ -17,7 +17,7 @@ sink's queue drained) for a whole sweep, and when its relay ends.
 
 from typing import Optional, Protocol
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 MiB = 1 << 20
 
@@ -40,7 +40,9 @@ class Budget:
     @ivar used: bytes lent in total.
     """
 
-    def __init__(self, reactor, perUser: int = DEFAULT_PER_USER, total: int = DEFAULT_TOTAL) -> None:
+    def __init__(
+        self, reactor: IReactorTime, perUser: int = DEFAULT_PER_USER, total: int = DEFAULT_TOTAL
+    ) -> None:
         self._reactor = reactor
         self.perUser = perUser
         self.total = total

@@ -54,7 +54,7 @@ def fetchStatus(endpoint: str, timeout: float = 10.0) -> dict[str, Any]:
     return json.loads(body)
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"

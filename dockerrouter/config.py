@@ -12,10 +12,12 @@ can't be half applied.
 import os
 import re
 import tomllib
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Union
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 
 from dockerrouter.backends import (
@@ -27,6 +29,15 @@ from dockerrouter.backends import (
 )
 from dockerrouter.limits import connectionsFor
 from dockerrouter.routing import DEFAULT_CHAIN, Lookups, RuleError, parseRules
+
+if TYPE_CHECKING:
+    from dockerrouter.relay import RouterFactory
+
+    class _ThreadedClock(IReactorTime, IReactorThreads):
+        """
+        A reactor as L{settingsFrom} uses it: a type only, like Twisted's own
+        C{_IReactorCommon} (Python has no intersection type).
+        """
 
 DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
 
@@ -65,6 +76,10 @@ class FileOptions(usage.Options):
     L{readConfigFile} fills in the rest from the file.
     """
 
+    # The tables usage.Options reads from a subclass; a file is checked against them too.
+    optParameters: ClassVar[list[list[object]]]
+    optFlags: ClassVar[list[list[object]]]
+
     def __init__(self) -> None:
         super().__init__()
         self.given: set[str] = set()
@@ -72,8 +87,10 @@ class FileOptions(usage.Options):
         for name, handler in list(self._dispatch.items()):
             self._dispatch[name] = self._recording(name, handler)
 
-    def _recording(self, name: str, handler):
-        def dispatch(option, value):
+    def _recording(
+        self, name: str, handler: Union[usage.CoerceParameter, Callable[[str, str], object]]
+    ) -> Callable[[str, str], None]:
+        def dispatch(option: str, value: str) -> None:
             self.given.add(name)
             if isinstance(handler, usage.CoerceParameter):
                 handler.dispatch(option, value)
@@ -108,7 +125,9 @@ class FileOptions(usage.Options):
         return fresh
 
 
-def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], None]) -> Settings:
+def settingsFrom(
+    options: FileOptions, reactor: "_ThreadedClock", descriptorLimit: int, warn: Callable[[str], None]
+) -> Settings:
     """The L{Settings} that C{options} give."""
     subordinates = None
     if not options["no-subuid"]:
@@ -134,7 +153,7 @@ def settingsFrom(options, reactor, descriptorLimit: int, warn: Callable[[str], N
     )
 
 
-def _inThreads(reactor) -> Callable[..., Any]:
+def _inThreads(reactor: IReactorThreads) -> Callable[..., Any]:
     """Run a lookup in the reactor's thread pool (made when first needed)."""
 
     def inThread(function: Callable[..., Any], *args: Any) -> Any:
@@ -167,7 +186,7 @@ def readFile(path: str) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{path}: {e}")
 
 
-def applyFile(options, path: str) -> None:
+def applyFile(options: FileOptions, path: str) -> None:
     """
     Set in C{options} what the file at C{path} says, except what the
     command line gave (C{options.given}).
@@ -200,7 +219,7 @@ def applyFile(options, path: str) -> None:
             if coerce is None and not isinstance(value, str):
                 raise ConfigError(f"{where}: {key} must be a string")
             try:
-                value = coerce(str(value)) if coerce else value
+                value = coerce(str(value)) if callable(coerce) else value
             except ValueError as e:
                 raise ConfigError(f"{where}: {key}: {e}")
         else:
@@ -250,10 +269,10 @@ class Reloader:
 
     def __init__(
         self,
-        options,
-        factory,
-        build: Callable[[Any], Settings],
-        log,
+        options: FileOptions,
+        factory: "RouterFactory",
+        build: Callable[[FileOptions], Settings],
+        log: Logger,
     ) -> None:
         self.options = options
         self.factory = factory

@@ -14,19 +14,23 @@ import json
 import os
 import socket
 import struct
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.internet.interfaces import ISystemHandle
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dockerrouter import __version__, cli
 from dockerrouter.web import QuietSite
 
+if TYPE_CHECKING:
+    from dockerrouter.relay import RouterFactory
+
 # The lock file lets a restart after a crash take over a stale socket.
 DEFAULT_CONTROL = cli.DEFAULT_CONTROL + ":mode=600:lockfile=1"
 
 
-def liveStatus(factory) -> dict[str, Any]:
+def liveStatus(factory: "RouterFactory") -> dict[str, Any]:
     """
     The live connections per user, and totals.  Bytes so far include open
     streams; C{oldestSeconds} is the age of a user's oldest connection.
@@ -62,7 +66,8 @@ def liveStatus(factory) -> dict[str, Any]:
 
 def _peerUid(request: Request) -> Optional[int]:
     """The uid of a Unix client, or C{None} for another kind of socket."""
-    handle = request.channel.transport.getHandle()
+    handle = ISystemHandle(request.channel.transport).getHandle()
+    assert isinstance(handle, socket.socket), "served on stream socket endpoints only"
     if handle.family != socket.AF_UNIX:
         return None
     creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -72,7 +77,7 @@ def _peerUid(request: Request) -> Optional[int]:
 class _StatusPage(Resource):
     isLeaf = True
 
-    def __init__(self, factory) -> None:
+    def __init__(self, factory: "RouterFactory") -> None:
         super().__init__()
         self._factory = factory
 
@@ -85,7 +90,7 @@ class _StatusPage(Resource):
 
 
 
-def controlSite(factory) -> Site:
+def controlSite(factory: "RouterFactory") -> Site:
     root = Resource()
     root.putChild(b"status", _StatusPage(factory))
     return QuietSite(root)

@@ -127,7 +127,7 @@ def underJournal(environ: Mapping[str, str] = os.environ) -> bool:
     return (st.st_dev, st.st_ino) == (device, inode)
 
 
-def observer():
+def observer() -> ILogObserver:
     """
     The log observer factory for C{twistd --logger}: the journal under
     systemd, text on standard output otherwise.

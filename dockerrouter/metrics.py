@@ -10,7 +10,7 @@ connections.
 """
 
 from bisect import bisect_left
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
@@ -27,6 +27,9 @@ from dockerrouter import __version__
 from dockerrouter.backends import BackendUnusable
 from dockerrouter.starter import RESULTS as START_RESULTS
 from dockerrouter.web import QuietSite
+
+if TYPE_CHECKING:
+    from dockerrouter.relay import RouterFactory
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.
@@ -57,12 +60,12 @@ class RouterMetrics:
         own counts).
     """
 
-    def __init__(self, factory, reloads: dict[str, int]) -> None:
+    def __init__(self, factory: "RouterFactory", reloads: dict[str, int]) -> None:
         self.factory = factory
         self.reloads = reloads
         self.registry = CollectorRegistry(auto_describe=False)
-        factory.durations = Buckets(DURATION_BUCKETS)
-        factory.connectTimes = Buckets(CONNECT_BUCKETS)
+        self.durations = factory.durations = Buckets(DURATION_BUCKETS)
+        self.connectTimes = factory.connectTimes = Buckets(CONNECT_BUCKETS)
         self.registry.register(_LiveState(self))
 
     def site(self) -> Site:
@@ -162,11 +165,11 @@ class _LiveState:
         for result in START_RESULTS:
             starts.add_metric([result.replace("-", "_")], counts.get(result, 0))
         yield starts
-        yield factory.durations.family(
+        yield self._metrics.durations.family(
             "docker_router_connection_duration_seconds",
             "How long relayed connections lasted, from accept to close.",
         )
-        yield factory.connectTimes.family(
+        yield self._metrics.connectTimes.family(
             "docker_router_backend_connect_seconds",
             "Time to connect to a user's daemon and verify who runs it.",
         )
@@ -176,7 +179,7 @@ class _LiveState:
         if factory.settings.usersKept:
             yield from self._perUser(factory, live)
 
-    def _perUser(self, factory, live: dict[int, list[int]]) -> Iterator[Metric]:
+    def _perUser(self, factory: "RouterFactory", live: dict[int, list[int]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(
             "docker_router_user_connections_active",
             "Live connections of each recently active user.",

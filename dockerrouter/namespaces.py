@@ -70,7 +70,7 @@ def outermostOwner(sock: socket.socket, pid: int) -> Optional[int]:
         namespace = _peerNamespace(sock, pid)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM):
-            _warnDenied(e)
+            _warnDenied(e.errno)
         return None
     try:
         return _walkUp(namespace)
@@ -78,7 +78,7 @@ def outermostOwner(sock: socket.socket, pid: int) -> Optional[int]:
         os.close(namespace)
 
 
-def _warnDenied(reason: OSError) -> None:
+def _warnDenied(number: int) -> None:
     """Say once that no client's namespace can be read, and what it costs."""
     global _warnedDenied
     if not _warnedDenied:
@@ -86,7 +86,7 @@ def _warnDenied(reason: OSError) -> None:
         log.warn(
             "cannot read the user namespace of clients ({error}; is CAP_SYS_PTRACE "
             "missing?): processes in rootless containers are routed as their own uid",
-            error=os.strerror(reason.errno),
+            error=os.strerror(number),
         )
 
 

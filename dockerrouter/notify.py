@@ -11,9 +11,10 @@ shell) nothing is sent.
 import os
 import socket
 import time
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Protocol, Sized
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from dockerrouter.logging import RouterLogger
@@ -84,6 +85,15 @@ class Notifier:
             self._socket = None
 
 
+class _Counts(Protocol):
+    """What L{NotifyService} reads of the router's factory for its status."""
+
+    @property
+    def relays(self) -> Sized: ...
+
+    def userCount(self) -> int: ...
+
+
 class NotifyService(Service):
     """
     Says READY=1 once the reactor runs (every listener accepts by then: the
@@ -96,7 +106,13 @@ class NotifyService(Service):
     children last-first, so STOPPING=1 goes out before the drain.
     """
 
-    def __init__(self, reactor, factory, notifier: Notifier, statusInterval: float = STATUS_INTERVAL) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,  # and IReactorCore: Python has no intersection type
+        factory: _Counts,
+        notifier: Notifier,
+        statusInterval: float = STATUS_INTERVAL,
+    ) -> None:
         self._reactor = reactor
         self._factory = factory
         self.notifier = notifier
@@ -113,7 +129,7 @@ class NotifyService(Service):
     def startService(self) -> None:
         super().startService()
         if self.notifier.enabled:
-            self._reactor.callWhenRunning(self._ready)
+            self._reactor.callWhenRunning(self._ready)  # type: ignore[attr-defined]  # IReactorCore's (see __init__)
 
     def _ready(self) -> None:
         if not self.running:
@@ -126,7 +142,7 @@ class NotifyService(Service):
             # Kept up through the drain, until the reactor stops.
             self._every(interval, lambda: self.notifier.send(WATCHDOG=1))
 
-    def _every(self, interval: float, call) -> LoopingCall:
+    def _every(self, interval: float, call: Callable[[], object]) -> LoopingCall:
         loop = LoopingCall(call)
         loop.clock = self._reactor
         loop.start(interval, now=False)
@@ -138,7 +154,7 @@ class NotifyService(Service):
             self._lastStatus = status
             self.notifier.send(STATUS=status)
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if self._status is not None:
             self._status.stop()

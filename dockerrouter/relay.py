@@ -15,7 +15,7 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import Any, Optional, Set
+from typing import TYPE_CHECKING, Any, Optional, Set
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
@@ -49,6 +49,9 @@ from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, em
 from dockerrouter.routing import NeedLookup
 from dockerrouter.splice import PipePool, Splicer
 from dockerrouter.visibility import Viewer, look
+
+if TYPE_CHECKING:
+    from dockerrouter.metrics import Buckets
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
@@ -474,8 +477,8 @@ class RouterFactory(Factory):
         # bytes from of ended relays], the most recently active last.
         self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
         # Histograms (with an observe method) that metrics may set.
-        self.durations = None
-        self.connectTimes = None
+        self.durations: Optional[Buckets] = None
+        self.connectTimes: Optional[Buckets] = None
 
     def relayed(self, connectSeconds: float, template: str = "") -> None:
         """A connection is relayed: count it, and by the socket it went to."""

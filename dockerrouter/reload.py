@@ -8,9 +8,11 @@ its re-reading and returns a few words for the log line.  Another concern
 """
 
 import signal
-from typing import Any, Callable, Sequence
+from types import FrameType
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 
 from dockerrouter.logging import RouterLogger
 from dockerrouter.notify import Notifier
@@ -27,7 +29,7 @@ class ReloadService(Service):
 
     log = RouterLogger()
 
-    def __init__(self, reactor, reloaders: Sequence[Reloader], notifier: Notifier) -> None:
+    def __init__(self, reactor: IReactorFromThreads, reloaders: Sequence[Reloader], notifier: Notifier) -> None:
         self._reactor = reactor
         self.reloaders = list(reloaders)
         self._notifier = notifier
@@ -37,13 +39,13 @@ class ReloadService(Service):
         super().startService()
         self._previous = signal.signal(signal.SIGHUP, self._hangUp)
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
 
-    def _hangUp(self, number, frame) -> None:
+    def _hangUp(self, number: int, frame: Optional[FrameType]) -> None:
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:

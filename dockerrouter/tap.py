@@ -18,6 +18,7 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.python import usage
 
 from dockerrouter import __version__
@@ -32,7 +33,7 @@ from dockerrouter._compat import (
 )
 from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
-from dockerrouter.config import FileOptions, Reloader, checkTemplate, settingsFrom
+from dockerrouter.config import FileOptions, Reloader, Settings, checkTemplate, settingsFrom
 from dockerrouter.control import DEFAULT_CONTROL, controlSite
 from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.logging import FileLogsService, RouterLogger
@@ -287,7 +288,7 @@ def _anotherRouter(pid: Optional[int]) -> str:
     return f"another docker-router{held} is already listening there"
 
 
-def _endpointFor(reactor, description: str):
+def _endpointFor(reactor: IReactorCore, description: str) -> IStreamServerEndpoint:
     """
     The endpoint for a C{--listen} description, or a L{CannotListen}: only
     Unix stream sockets carry the peer credentials the router routes by.
@@ -424,7 +425,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         before=before,
     )
 
-    def settingsFor(options: Options):
+    def settingsFor(options: FileOptions) -> Settings:
         return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
     settings = settingsFor(options)
@@ -449,7 +450,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # What SIGHUP re-reads: each returns a few words for its log line.  (New
     # settings from the file read their subordinate uid file afresh.)
     reload = Reloader(options, factory, settingsFor, log)
-    reloaders = [reloadSubordinates, reload]
+    reloaders: list[Callable[[], str]] = [reloadSubordinates, reload]
     notifier = Notifier()
     top = MultiService()
     FileLogsService().setServiceParent(top)

@@ -8,13 +8,17 @@ Docker without it.
 """
 
 import errno
+from typing import Optional
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.server import Request, Site
+from twisted.web import http
+from twisted.web.server import Site
 
 from dockerrouter.logging import RouterLogger
 
@@ -24,7 +28,7 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -44,9 +48,9 @@ class OptionalListener(Service):
     """
 
     log = RouterLogger()
-    _port = None
+    _port: Optional[IListeningPort] = None
 
-    def __init__(self, description: str, reactor, site: Site, what: str) -> None:
+    def __init__(self, description: str, reactor: IReactorCore, site: Site, what: str) -> None:
         self.description = description
         self._reactor = reactor
         self._site = site
@@ -63,7 +67,7 @@ class OptionalListener(Service):
         else:
             waiting.addCallbacks(self._listening, self._cannot)
 
-    def _listening(self, port) -> None:
+    def _listening(self, port: IListeningPort) -> None:
         self._port = port
 
     def _cannot(self, failure: Failure) -> None:
@@ -79,8 +83,9 @@ class OptionalListener(Service):
             reason=reason,
         )
 
-    def stopService(self):
+    def stopService(self) -> Optional[Deferred[None]]:
         super().stopService()
         if self._port is not None:
             port, self._port = self._port, None
             return port.stopListening()
+        return None

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import VENV_BIN, Docker, Router, waitFor, whichDocker
+from tests.e2e.harness import VENV_BIN, Docker, startRouter, whichDocker
+from tests.integration.harness import pollUntil
 
 
 @pytest.fixture
@@ -18,8 +19,7 @@ def watchedRouter(environment, tmpRoot):
     """A router of its own, with a control endpoint and metrics."""
     directory = Path(tempfile.mkdtemp(prefix="router-ops-", dir=tmpRoot))
     control = f"unix:{directory}/control.sock:mode=600"
-    router = Router(directory, ["--control", control, "--metrics", f"unix:{directory}/metrics.sock:mode=600"])
-    router.start()
+    router = startRouter(tmpRoot, ["--control", control, "--metrics", f"unix:{directory}/metrics.sock:mode=600"])
     router.control = control
     router.metricsPath = str(directory / "metrics.sock")
     yield router
@@ -44,14 +44,14 @@ def activeConnections(router) -> float:
 
 def test_liveEventsStreamShows(environment, watchedRouter):
     bob = environment["dr-bob"]
-    docker = Docker(whichDocker(), bob, watchedRouter.socketPath, "router")
+    docker = Docker(whichDocker(), bob, watchedRouter.listenPath, "router")
     events = docker.popen(["events"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def oneLive():
             users = status(watchedRouter)["users"]
             return users if [u["connections"] for u in users] == [1] else None
 
-        [user] = waitFor(oneLive, 30, "the events stream in docker-router status")
+        [user] = pollUntil(oneLive, 30, interval=0.2, what="the events stream in docker-router status")
         assert (user["user"], user["uid"]) == ("dr-bob", bob.uid)
         assert user["bytesToDocker"] > 0
         assert activeConnections(watchedRouter) == 1
@@ -59,5 +59,5 @@ def test_liveEventsStreamShows(environment, watchedRouter):
     finally:
         events.terminate()
         events.wait(timeout=10)
-    waitFor(lambda: status(watchedRouter)["users"] == [], 30, "the stream to leave the status")
+    pollUntil(lambda: status(watchedRouter)["users"] == [], 30, interval=0.2, what="the stream to leave the status")
     assert activeConnections(watchedRouter) == 0

@@ -18,7 +18,8 @@ from twisted.internet import reactor, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorSocket
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.python import lockfile
 from twisted.trial.unittest import TestCase
 
@@ -33,7 +34,7 @@ def connectNonBlocking(path: str) -> socket.socket:
 
 def queued(path: str, most: int) -> int:
     """How many connects a listener that doesn't accept takes (up to C{most})."""
-    held = []
+    held: list[socket.socket] = []
     try:
         while len(held) < most:
             try:
@@ -53,7 +54,9 @@ class PortTests(TestCase):
         directory = tempfile.mkdtemp(prefix="dr-compat-")
         self.addCleanup(shutil.rmtree, directory)
         self.path = os.path.join(directory, "s.sock")
-        self.factory = Factory.forProtocol(Protocol)
+        # The ServerFactory adoptStreamPort takes (forProtocol is typed to make a Factory).
+        self.factory = ServerFactory()
+        self.factory.protocol = Protocol
 
     def listen(self, **kwargs):
         port = reactor.listenUNIX(self.path, self.factory, **kwargs)
@@ -66,7 +69,7 @@ class PortTests(TestCase):
         ours.bind(self.path)
         ours.listen(backlog)
         ours.setblocking(False)
-        port = reactor.adoptStreamPort(ours.fileno(), socket.AF_UNIX, self.factory)
+        port = IReactorSocket(reactor).adoptStreamPort(ours.fileno(), socket.AF_UNIX, self.factory)
         return ours, port
 
     def test_raiseListenErrors(self):

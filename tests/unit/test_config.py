@@ -3,6 +3,8 @@ The configuration file: merged under the command line, checked with its
 line, and reloaded whole (or not at all).
 """
 
+from typing import cast
+
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.filepath import FilePath
@@ -64,9 +66,11 @@ class FileTests(SynchronousTestCase):
     def test_start(self) -> None:
         """start = "systemd" reaches the settings; anything else is refused with its line."""
         options = self.parse('start = "systemd"\nstart-timeout = 12\n')
-        settings = config.settingsFrom(options, MemoryReactorClock(), 1024, lambda text: None)
+        # No name is looked up here, so a clock without threads stands in.
+        reactor = cast("config._ThreadedClock", MemoryReactorClock())
+        settings = config.settingsFrom(options, reactor, 1024, lambda text: None)
         self.assertEqual((settings.start, settings.startTimeout), ("systemd", 12.0))
-        self.assertIsNone(config.settingsFrom(self.parse(""), MemoryReactorClock(), 1024, print).start)
+        self.assertIsNone(config.settingsFrom(self.parse(""), reactor, 1024, print).start)
         with self.assertRaises(UsageError) as caught:
             self.parse('\nstart = "sysvinit"\n')
         self.assertIn("line 2: start: 'sysvinit': the only way to start a daemon is systemd", str(caught.exception))

@@ -6,6 +6,7 @@ descriptors.
 import errno
 import os
 import resource
+import socket
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -16,7 +17,7 @@ from dockerrouter.backends import BackendResolver, SubordinateIds, loginDefsUidM
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
+from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
 
 
 class CapTests(SynchronousTestCase):
@@ -42,10 +43,10 @@ class CapTests(SynchronousTestCase):
         self.opened.append(uid)
         return socketFile(uid)
 
-    def connectUnix(self, path: str) -> FakeSocket:
+    def connectUnix(self, path: str) -> socket.socket:
         """A daemon that runs as the uid of the socket opened last."""
         uid = self.opened[-1]
-        return FakeSocket(Credentials(pid=2, uid=uid, gid=uid))
+        return asSocket(FakeSocket(Credentials(pid=2, uid=uid, gid=uid)))
 
     def connect(self, uid: int):
         server = self.factory.buildProtocol(None)
@@ -214,6 +215,9 @@ class SubordinateIdTests(SynchronousTestCase):
         """Subordinate uids proven by a namespace owned by C{owners[pid]}."""
         self.write("1000:100000:65536\n")
         self.asked: list[int] = []
+        # The client's socket: only the namespace owner below is asked about it.
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.sock.close)
 
         def namespaceOwner(sock, pid):
             self.asked.append(pid)
@@ -221,7 +225,7 @@ class SubordinateIdTests(SynchronousTestCase):
 
         return BackendResolver(
             "/run/user/{uid}/{user}.sock",
-            lookupName={1000: "alice"}.get,
+            lookupName=lambda uid: {1000: "alice"}.get(uid, str(uid)),
             subordinates=self.ids,
             namespaceOwner=namespaceOwner,
         )
@@ -232,7 +236,7 @@ class SubordinateIdTests(SynchronousTestCase):
         reaches alice's daemon, which must run as alice.
         """
         resolver = self.resolver({1: 1000})
-        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=object()).candidates[0]
+        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=self.sock).candidates[0]
         self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))
 
     def test_resolverWithoutProof(self) -> None:
@@ -242,7 +246,7 @@ class SubordinateIdTests(SynchronousTestCase):
         """
         resolver = self.resolver({2: None, 3: 1001})
         for pid in (2, 3, 4):
-            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=object()).candidates[0]
+            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=self.sock).candidates[0]
             self.assertEqual(backend.uid, 100999)
         self.assertEqual(resolver.resolve(Credentials(pid=1, uid=100999, gid=0)).candidates[0].uid, 100999)
 
@@ -252,7 +256,7 @@ class SubordinateIdTests(SynchronousTestCase):
         a uid in no range.
         """
         resolver = self.resolver({})
-        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=object()).candidates[0].uid, 1000)
+        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=self.sock).candidates[0].uid, 1000)
         self.assertEqual(self.asked, [])
 
 

@@ -3,9 +3,12 @@ The refusal log under a flood: the first refusal of a uid for a cause in
 full, then at most one summary line per minute.
 """
 
+from typing import Sequence
+
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, capturedLogs
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from dockerrouter.logging import (
     CONNECTION_DONE,
@@ -17,6 +20,14 @@ from dockerrouter.logging import (
 )
 
 
+@implementer(ILogObserver)
+class _Recorder(list[LogEvent]):
+    """An observer that keeps the events it is given."""
+
+    def __call__(self, event: LogEvent) -> None:
+        self.append(event)
+
+
 class RejectionLogTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -26,7 +37,7 @@ class RejectionLogTests(SynchronousTestCase):
         for _ in range(times):
             self.rejections.rejected(uid, "bob", 77, "/run/user/%d/docker.sock" % uid, cause)
 
-    def texts(self, events: list) -> list[str]:
+    def texts(self, events: Sequence[LogEvent]) -> list[str]:
         return [e["text"] for e in events]
 
     def test_firstInFullThenOneSummaryAMinute(self) -> None:
@@ -91,8 +102,8 @@ class ClassicTextTests(SynchronousTestCase):
             1 / 0
         except ZeroDivisionError:
             failure = Failure()
-        made: list[dict] = []
-        log = RouterLogger(namespace="dockerrouter.relay.ServerProtocol", observer=made.append)
+        made = _Recorder()
+        log = RouterLogger(namespace="dockerrouter.relay.ServerProtocol", observer=made)
         emitFormatted(log, LogLevel.info, CONNECTION_DONE, uid=1001, user="alice", pid=4711,
                       backend="/run/user/1001/docker.sock", duration=0.25, bytesToDocker=183,
                       bytesFromDocker=2211, end="closed")
@@ -119,7 +130,7 @@ class ClassicTextTests(SynchronousTestCase):
         fileObserver = textFileLogObserver(out)
         other = textFileLogObserver(io.StringIO(), timeFormat=None)
         other.formatEvent = lambda event: "mine\n"
-        publisher = LogPublisher(fileObserver, other, lambda event: None)
+        publisher = LogPublisher(fileObserver, other, _Recorder())
         self.assertEqual(speedUpFileLogs(publisher), 1)
         self.assertIsInstance(fileObserver.formatEvent, ClassicText)
         emitFormatted(RouterLogger(observer=publisher), LogLevel.info, "x={x}", x=1)

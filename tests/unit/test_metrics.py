@@ -11,7 +11,7 @@ from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials
 from dockerrouter.metrics import Buckets, RouterMetrics
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
+from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
 
 
 class PerUserTests(SynchronousTestCase):
@@ -23,9 +23,13 @@ class PerUserTests(SynchronousTestCase):
         factory.routerPid = lambda: 1
         metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
         relays = []
+
+        def daemonOf(uid: int) -> None:
+            factory.openSocketFile = lambda path: socketFile(uid)
+            factory.connectUnix = lambda path: asSocket(FakeSocket(Credentials(5000, uid, uid)))
+
         for uid in (1000, 1001, 1002, 1001):
-            factory.openSocketFile = lambda path, uid=uid: socketFile(uid)
-            factory.connectUnix = lambda path, uid=uid: FakeSocket(Credentials(5000, uid, uid))
+            daemonOf(uid)
             relay = factory.buildProtocol(None)
             relay.makeConnection(PeerTransport(Credentials(4000 + uid, uid, uid)))
             relays.append(relay)

@@ -122,7 +122,9 @@ class DeniedTests(SynchronousTestCase):
 
         self.patch(namespaces, "_peerNamespace", denied)
         self.patch(namespaces, "_warnedDenied", False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
         with capturedLogs() as events:
-            self.assertEqual([outermostOwner(None, 1), outermostOwner(None, 2)], [None, None])
+            self.assertEqual([outermostOwner(sock, 1), outermostOwner(sock, 2)], [None, None])
         [warning] = events
         self.assertIn("CAP_SYS_PTRACE", warning["log_format"])

@@ -6,6 +6,7 @@ before anything moves, connect retries, rejection, records and the drain.
 
 import errno
 import os
+import socket
 import stat
 from typing import Optional
 
@@ -25,7 +26,7 @@ from dockerrouter.routing import Account, Lookups
 from dockerrouter.visibility import Found, Missing
 from dockerrouter.splice import Splicer
 from dockerrouter.starter import StartTimedOut
-from tests.unit.doubles import FakeSocket, PeerTransport, socketFile
+from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
 ALICE_DAEMON = Credentials(pid=5000, uid=1000, gid=1000)
@@ -54,8 +55,8 @@ class RelayHarness(SynchronousTestCase):
         self.connects: list[str] = []
         self.daemons: list[FakeDaemonSocket] = []
         self.daemon = ALICE_DAEMON
-        self.connectError: object = None
-        self.openError: object = None
+        self.connectError: Optional[OSError] = None
+        self.openError: Optional[OSError] = None
         self.factory.openSocketFile = self.openSocketFile
         self.factory.connectUnix = self.connectUnix
         # What alice could see at her path: the socket opened (socketFile's).
@@ -68,13 +69,13 @@ class RelayHarness(SynchronousTestCase):
             raise self.openError
         return socketFile(1000)
 
-    def connectUnix(self, path: str) -> FakeDaemonSocket:
+    def connectUnix(self, path: str) -> socket.socket:
         self.assertTrue(path.startswith("/proc/self/fd/"), path)
         if self.connectError is not None:
             raise self.connectError
         sock = FakeDaemonSocket(self.daemon)
         self.daemons.append(sock)
-        return sock
+        return asSocket(sock)
 
     def connectClient(self) -> tuple[ServerProtocol, PeerTransport]:
         server = self.factory.buildProtocol(None)
@@ -329,7 +330,7 @@ class DrainTests(SynchronousTestCase):
         )
         self.factory.routerPid = lambda: ROUTER_PID
         self.factory.openSocketFile = lambda path: socketFile(1000)
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(ALICE)
+        self.factory.connectUnix = lambda path: asSocket(FakeDaemonSocket(ALICE))
 
     def relay(self) -> ServerProtocol:
         server = self.factory.buildProtocol(None)
@@ -357,7 +358,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.reactor.readers, set())
 
     def test_abortsOneBeingRejected(self) -> None:
-        self.factory.connectUnix = lambda path: FakeDaemonSocket(Credentials(1, 0, 0))  # type: ignore
+        self.factory.connectUnix = lambda path: asSocket(FakeDaemonSocket(Credentials(1, 0, 0)))
         server = self.relay()
         transport = server.transport
         self.factory.drain(10)
@@ -411,13 +412,13 @@ class ChainTests(SynchronousTestCase):
         self._daemon = what
         return socketFile(what.uid)
 
-    def connectUnix(self, path: str) -> FakeDaemonSocket:
+    def connectUnix(self, path: str) -> socket.socket:
         if isinstance(self._daemon, OSError):
             raise self._daemon
         assert isinstance(self._daemon, Credentials)
         sock = FakeDaemonSocket(self._daemon)
         self.daemons.append(sock)
-        return sock
+        return asSocket(sock)
 
     def connect(self, client: Credentials = ALICE) -> tuple[ServerProtocol, PeerTransport]:
         server = self.factory.buildProtocol(None)

@@ -16,7 +16,7 @@ from dockerrouter.backends import Backend, BackendResolver, Denied, NoRoute, Rou
 from dockerrouter.credentials import Credentials
 from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
 from dockerrouter.tap import Options
-from tests.unit.doubles import FakeSocket
+from tests.unit.doubles import FakeSocket, asSocket
 
 ALICE = Credentials(pid=5, uid=1000, gid=1000)
 ACCOUNTS = {1000: Account("alice", "/home/alice"), 1001: Account("bob", "/home/bob"), 0: Account("root", "/root")}
@@ -84,7 +84,7 @@ class RuleTests(SynchronousTestCase):
     def resolve(self, client: Credentials, groups: tuple[int, ...] = (), subordinates=None) -> Route:
         resolver = BackendResolver(lookups=lookups(), rules=self.example, subordinates=subordinates,
                                    namespaceOwner=lambda sock, pid: 1000)
-        return resolver.resolve(client, FakeSocket(client, groups))  # type: ignore[arg-type]
+        return resolver.resolve(client, asSocket(FakeSocket(client, groups)))
 
     def test_firstMatchWins(self) -> None:
         """
@@ -115,7 +115,7 @@ class RuleTests(SynchronousTestCase):
         resolver = BackendResolver("/x/{uid}.sock", lookups=lookups(), rules=self.example)
         client = Credentials(pid=5, uid=2000, gid=2000)
         self.assertEqual(
-            resolver.resolve(client, FakeSocket(client, (50,))).candidates,  # type: ignore[arg-type]
+            resolver.resolve(client, asSocket(FakeSocket(client, (50,)))).candidates,
             (Backend("/x/2000.sock", 2000, "2000", 2000, "/x/{uid}.sock"),),
         )
 
@@ -243,7 +243,7 @@ class LookupTests(SynchronousTestCase):
         asked = 0
         while True:
             try:
-                route = resolver.resolve(ALICE, FakeSocket(ALICE, (998,)))  # type: ignore[arg-type]
+                route = resolver.resolve(ALICE, asSocket(FakeSocket(ALICE, (998,))))
                 break
             except NeedLookup:
                 asked += 1

@@ -243,7 +243,12 @@ class AdviceOptionTests(SynchronousTestCase):
         from dockerrouter import config
 
         looked: list[int] = []
-        self.patch(config, "findSetupTool", lambda: looked.append(1) or "/opt/x/setup.sh")
+
+        def findSetupTool() -> str:
+            looked.append(1)
+            return "/opt/x/setup.sh"
+
+        self.patch(config, "findSetupTool", findSetupTool)
         options = parse("--listen", f"unix:{self.mktemp()}", "--advice", "{advice}; see https://wiki.example/docker")
         service = makeService(options, reactor=MemoryReactorClock())
         [factory] = {s.factory for s in service if hasattr(s, "factory")}
