@@ -13,7 +13,6 @@ run on one host, and only one can have the default path.
 import json
 import os
 import socket
-import struct
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.interfaces import ISystemHandle
@@ -21,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dockerrouter import __version__, cli
+from dockerrouter.credentials import peerCredentials
 from dockerrouter.web import QuietSite
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ def _peerUid(request: Request) -> Optional[int]:
     assert isinstance(handle, socket.socket), "served on stream socket endpoints only"
     if handle.family != socket.AF_UNIX:
         return None
-    creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    return peerCredentials(handle).uid
 
 
 class _StatusPage(Resource):
@@ -83,11 +82,11 @@ class _StatusPage(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
-        if _peerUid(request) not in (0, None):
+        # Root's only: a client whose uid the kernel can't tell (TCP) is not root.
+        if _peerUid(request) != 0:
             request.setResponseCode(403)
             return b'{"message": "docker-router status needs root"}\n'
         return json.dumps(liveStatus(self._factory)).encode("utf-8") + b"\n"
-
 
 
 def controlSite(factory: "RouterFactory") -> Site:

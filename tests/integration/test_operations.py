@@ -232,6 +232,22 @@ class StatusTests(IntegrationTestCase):
         self.assertEqual((status, json.loads(body)), (403, {"message": "docker-router status needs root"}),
                          router.evidence())
 
+    def test_notRootOverTcp(self):
+        """
+        A control endpoint on TCP (an admin's choice) can't tell who asks, so
+        it answers no one: even root's request is refused.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        router = self.startRouter("tcp:%d:interface=127.0.0.1" % (port,))
+        router.waitLog(r"QuietSite starting on %d" % (port,))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/status")
+        response = connection.getresponse()
+        self.assertEqual((response.status, json.loads(response.read())),
+                         (403, {"message": "docker-router status needs root"}), router.evidence())
+
     def test_takenOrMissingIsAWarning(self):
         """
         A control endpoint another router holds, or one whose directory is
