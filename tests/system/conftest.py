@@ -15,6 +15,7 @@ C{systemd-nspawn} or C{mmdebstrap} (or not being root) is a failure. As root::
 """
 
 import os
+from contextlib import contextmanager
 import sys
 import time
 
@@ -124,3 +125,24 @@ def addUser(m, name, daemon=True):
                 "&& chmod 0644 /var/tmp/dr/*.tar").stdout.strip()
     m.run(f"docker import - {IMAGE} <{tar}", user=name, timeout=120)
     return uid
+
+
+@contextmanager
+def installedMachine(daemons=(), others=()):
+    """
+    A booted machine with the router and the rootless Docker packages
+    installed as README.md says, users who set up their daemons with
+    README's per-user steps (C{daemons}) and users who did not
+    (C{others}); C{.uids} maps their names to uids. Removed afterwards.
+    """
+    _available()
+    m = Machine()
+    try:
+        m.boot()
+        installRouter(m)
+        installDocker(m)
+        m.uids = {name: addUser(m, name) for name in daemons}
+        m.uids.update({name: addUser(m, name, daemon=False) for name in others})
+        yield m
+    finally:
+        m.shutdown()

@@ -14,8 +14,7 @@ import re
 import shutil
 
 import pytest
-from conftest import IMAGE, _available, addUser, installDocker, installRouter, pollUntil
-from machine import Machine
+from conftest import IMAGE, installedMachine, pollUntil
 
 SERVICE = "docker-router.service"
 STATIC_CLI = "/usr/local/bin/docker"
@@ -23,17 +22,8 @@ STATIC_CLI = "/usr/local/bin/docker"
 
 @pytest.fixture(scope="module")
 def m():
-    _available()
-    machine = Machine()
-    try:
-        machine.boot()
-        installRouter(machine)
-        installDocker(machine)
-        machine.uids = {"dr-alice": addUser(machine, "dr-alice"),
-                        "dr-carol": addUser(machine, "dr-carol", daemon=False)}
+    with installedMachine(daemons=["dr-alice"], others=["dr-carol"]) as machine:
         yield machine
-    finally:
-        machine.shutdown()
 
 
 def test_statusCommand(m):

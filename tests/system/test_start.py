@@ -8,8 +8,7 @@ C{start = "systemd"}.
 import time
 
 import pytest
-from conftest import IMAGE, _available, addUser, installDocker, installRouter, pollUntil
-from machine import Machine
+from conftest import IMAGE, installedMachine, pollUntil
 
 USER = "dr-frank"
 NOT_SET_UP = "dr-gina"
@@ -20,14 +19,8 @@ USER_STOP_DELAY = 10
 
 @pytest.fixture(scope="module")
 def m():
-    _available()
-    machine = Machine()
-    try:
-        machine.boot()
-        installRouter(machine)
-        installDocker(machine)
-        uid = addUser(machine, USER)
-        machine.uids = {USER: uid, NOT_SET_UP: addUser(machine, NOT_SET_UP, daemon=False)}
+    with installedMachine(daemons=[USER], others=[NOT_SET_UP]) as machine:
+        uid = machine.uids[USER]
         # Set up and enabled, then no linger and logged out: nothing of the
         # user runs, and logind has forgotten them.
         machine.run(f"loginctl disable-linger {USER} && loginctl terminate-user {USER}")
@@ -38,8 +31,6 @@ def m():
                     "echo 'start = \"systemd\"' >/etc/docker-router/docker-router.toml && "
                     "systemctl restart docker-router")
         yield machine
-    finally:
-        machine.shutdown()
 
 
 def startLines(m):

@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
-from conftest import IMAGE, _available, addUser, installDocker, installRouter, pollUntil
-from machine import Machine
+from conftest import IMAGE, installedMachine, pollUntil
 
 SERVICE = "docker-router.service"
 SOCKET = "docker-router.socket"
@@ -29,17 +28,8 @@ RESTARTS = 4
 
 @pytest.fixture(scope="module")
 def m():
-    _available()
-    machine = Machine()
-    try:
-        machine.boot()
-        installRouter(machine)
-        installDocker(machine)
-        machine.uids = {name: addUser(machine, name) for name in USERS}
-        machine.uids[NO_DAEMON] = addUser(machine, NO_DAEMON, daemon=False)
+    with installedMachine(daemons=USERS, others=[NO_DAEMON]) as machine:
         yield machine
-    finally:
-        machine.shutdown()
 
 
 def show(m, unit, *properties):
