@@ -15,6 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import _ISupportsExitSignalCapturing
+from twisted.logger import FileLogObserver, LogPublisher
 from twisted.python import lockfile
 from twisted.python.failure import Failure
 
@@ -160,3 +161,22 @@ def dropTransport(transport: FileDescriptor) -> None:
     socket object lives on in the relay).
     """
     transport.stopReading()
+
+
+# The name Twisted's textFileLogObserver gives the formatter it makes.
+_TEXT_FORMAT = "textFileLogObserver.<locals>.formatEvent"
+
+
+def textFileObservers(publisher: LogPublisher) -> list[FileLogObserver]:
+    """
+    The observers of C{publisher} that C{textFileLogObserver} made (as
+    twistd does for C{--logfile} and C{-n}), whose C{formatEvent} may be
+    replaced.  Assumes a publisher keeps its observers in C{_observers} and
+    that the formatter is known by its qualified name.
+    """
+    return [
+        observer
+        for observer in getattr(publisher, "_observers", ())
+        if isinstance(observer, FileLogObserver)
+        and getattr(observer.formatEvent, "__qualname__", "") == _TEXT_FORMAT
+    ]

@@ -14,9 +14,7 @@ from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-
 from twisted.logger import (
-    FileLogObserver,
     Logger,
     LogLevel,
     LogPublisher,
@@ -25,6 +23,8 @@ from twisted.logger import (
     globalLogPublisher,
     timeFormatRFC3339,
 )
+
+from dockerrouter._compat import textFileObservers
 
 SYSLOG_PRIORITIES = {
     LogLevel.debug: syslog.LOG_DEBUG,
@@ -169,23 +169,15 @@ class ClassicText:
 def speedUpFileLogs(publisher: LogPublisher = globalLogPublisher) -> int:
     """
     Give the file observers twistd made (C{--logfile}, or standard output
-    with C{-n}) a L{ClassicText} formatter; they are found among the global
-    publisher's observers by the formatter C{textFileLogObserver} gave them.
-    Syslog and other observers are left alone.
+    with C{-n}) a L{ClassicText} formatter.  Syslog and other observers are
+    left alone.
 
     @return: how many were changed.
     """
-    changed = 0
-    for observer in getattr(publisher, "_observers", ()):
-        if isinstance(observer, FileLogObserver) and getattr(
-            observer.formatEvent, "__qualname__", ""
-        ) == _TWISTED_TEXT_FORMAT:
-            observer.formatEvent = ClassicText()
-            changed += 1
-    return changed
-
-
-_TWISTED_TEXT_FORMAT = "textFileLogObserver.<locals>.formatEvent"
+    observers = textFileObservers(publisher)
+    for observer in observers:
+        observer.formatEvent = ClassicText()
+    return len(observers)
 
 
 class FileLogsService(Service):

@@ -263,3 +263,21 @@ class DropTransportTests(TestCase):
         gc.collect()
         handle.send(b"x")
         self.assertEqual(theirs.recv(1), b"x")
+
+
+class TextFileObserverTests(TestCase):
+    def test_foundByItsFormatter(self) -> None:
+        """
+        twistd's text file observers are found among a publisher's
+        observers by the name of the formatter C{textFileLogObserver} made;
+        one with another formatter is not.
+        """
+        import io
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        made = textFileLogObserver(io.StringIO())
+        other = textFileLogObserver(io.StringIO())
+        other.formatEvent = lambda event: "mine\n"
+        publisher = LogPublisher(made, other)
+        self.assertEqual(_compat.textFileObservers(publisher), [made])
