@@ -3,7 +3,8 @@ File descriptors: how many the router may have, and what it does when it
 runs out.
 
 Every relay holds two sockets (and a pipe pair per direction while bytes are
-in flight), so the descriptor limit is the router's real capacity.
+in flight), and every client being turned away holds its socket while it is
+answered, so the descriptor limit is the router's real capacity.
 """
 
 import errno
@@ -20,6 +21,10 @@ from dockerrouter.logging import RouterLogger
 # Descriptors kept back from the connection cap: the listening sockets, the
 # reactor, logging, the idle pipe pool and a backend connect in progress.
 _RESERVED = 100
+
+# What one relay may hold at once: its two sockets, and a pipe (two
+# descriptors) for each direction with bytes in flight.
+_PER_CONNECTION = 6
 
 
 def raiseDescriptorLimit() -> tuple[int, int]:
@@ -40,28 +45,45 @@ def raiseDescriptorLimit() -> tuple[int, int]:
 
 def connectionsFor(descriptorLimit: int) -> int:
     """How many connections fit in C{descriptorLimit} descriptors."""
-    return max(1, (descriptorLimit - _RESERVED) // 2)
+    return max(1, (descriptorLimit - _RESERVED) // _PER_CONNECTION)
+
+
+# Descriptors an accepted client may still need once admitted: the O_PATH
+# look at its daemon's socket file, the socket to the daemon, and a pipe for
+# each direction.  Accepting pauses while fewer than these are left, so
+# that clients turned away over a cap (each holds its socket while it is
+# answered) can't leave an admitted one unable to reach its daemon.
+HEADROOM = 32
 
 
 class _GuardedListener:
     """
     Stands in for a port's listening socket: when C{accept} fails for want
-    of descriptors it reports it and then looks, to the port, like a socket
-    with nothing more to accept.
+    of descriptors, or hands out one of the last L{HEADROOM}, it reports it
+    and then, while paused, looks to the port like a socket with nothing
+    more to accept.
     """
 
-    def __init__(self, sock: socket.socket, exhausted: Callable[[int], None]) -> None:
+    def __init__(self, sock: socket.socket, backoff: "AcceptBackoff", ceiling: int) -> None:
         self._sock = sock
-        self._exhausted = exhausted
+        self._backoff = backoff
+        self._ceiling = ceiling
 
     def accept(self) -> tuple[socket.socket, Any]:
+        if self._backoff.paused:
+            raise BlockingIOError(errno.EAGAIN, "accepting paused")
         try:
-            return self._sock.accept()
+            client, address = self._sock.accept()
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-            self._exhausted(e.errno)
+            self._backoff.exhausted(errno.errorcode[e.errno])
             raise BlockingIOError(errno.EAGAIN, "accepting paused")
+        # The kernel hands out the lowest free descriptor: one this high
+        # means every one below it is taken.
+        if client.fileno() >= self._ceiling:
+            self._backoff.exhausted(f"fewer than {HEADROOM} left")
+        return client, address
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -69,11 +91,11 @@ class _GuardedListener:
 
 class AcceptBackoff:
     """
-    When a port can't accept for want of descriptors, stop accepting for
-    C{interval} seconds instead of spinning on a backlog it can't take
-    (Twisted's port would retry at once, logging each time), warn once, and
-    resume by itself.  Live connections are served meanwhile, and the
-    waiting clients stay in the listen backlog.
+    When a port can't accept for want of descriptors (or is about to run
+    out), stop accepting for C{interval} seconds instead of spinning on a
+    backlog it can't take (Twisted's port would retry at once, logging each
+    time), warn once, and resume by itself.  Live connections are served
+    meanwhile, and the waiting clients stay in the listen backlog.
     """
 
     log = RouterLogger()
@@ -82,18 +104,20 @@ class AcceptBackoff:
         self._reactor = reactor
         self._port = port
         self.interval = interval
-        self._paused = False
-        replaceListeningSocket(port, lambda sock: _GuardedListener(sock, self._exhausted))
+        self.paused = False
+        ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - HEADROOM
+        replaceListeningSocket(port, lambda sock: _GuardedListener(sock, self, ceiling))
 
-    def _exhausted(self, number: int) -> None:
-        if self._paused:
+    def exhausted(self, why: str) -> None:
+        """Stop accepting for a while, and say so once."""
+        if self.paused:
             return
-        self._paused = True
+        self.paused = True
         self._port.stopReading()
         self.log.warn(
             "out of file descriptors ({error}, limit {limit}): not accepting "
             "for {interval}s on {port}",
-            error=errno.errorcode[number],
+            error=why,
             limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             interval=self.interval,
             port=os.fsdecode(self._port.getHost().name),
@@ -101,6 +125,6 @@ class AcceptBackoff:
         self._reactor.callLater(self.interval, self._resume)
 
     def _resume(self) -> None:
-        self._paused = False
+        self.paused = False
         if self._port.connected:
             self._port.startReading()

@@ -7,6 +7,7 @@ import errno
 import os
 import resource
 import socket
+from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -15,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import BackendResolver, SubordinateIds, loginDefsUidMin
 from dockerrouter.credentials import Credentials
-from dockerrouter.limits import AcceptBackoff, connectionsFor, raiseDescriptorLimit
+from dockerrouter.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
 from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
 
@@ -89,7 +90,8 @@ class CapTests(SynchronousTestCase):
         self.assertIn(b"its limit of 5 connections", transport.value())
 
     def test_defaultTotalFollowsDescriptors(self) -> None:
-        self.assertEqual(connectionsFor(20000), 9950)
+        # Two sockets and a pipe each way: six descriptors a connection.
+        self.assertEqual(connectionsFor(20000), 3316)
         self.assertEqual(connectionsFor(10), 1)
 
 
@@ -265,10 +267,13 @@ class _FakePort:
         self.socket = self
         self.reading = True
         self.connected = True
-        self.failWith = errno.EMFILE
+        self.failWith: Optional[int] = errno.EMFILE
+        self.accepted: list[socket.socket] = []
 
     def accept(self):
-        raise OSError(self.failWith, os.strerror(self.failWith))
+        if self.failWith is not None:
+            raise OSError(self.failWith, os.strerror(self.failWith))
+        return self.accepted.pop(0), "peer"
 
     def stopReading(self) -> None:
         self.reading = False
@@ -299,6 +304,35 @@ class AcceptBackoffTests(SynchronousTestCase):
         self.assertFalse(port.reading)
         clock.advance(0.1)
         self.assertTrue(port.reading)
+
+    def test_pausesBeforeTheLastDescriptors(self) -> None:
+        """
+        A client accepted into one of the last L{HEADROOM} descriptors is
+        served, but accepting pauses: an admitted client must still be able
+        to reach its daemon.  One accepted lower down changes nothing.
+        """
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        clock = Clock()
+        port = _FakePort()
+        port.failWith = None
+        low, high = socket.socketpair()
+        self.addCleanup(low.close)
+        self.addCleanup(high.close)
+        # A descriptor number as high as the kernel gives when nearly full.
+        nearlyFull = socket.socket(fileno=os.dup2(high.fileno(), soft - HEADROOM))
+        self.addCleanup(nearlyFull.close)
+        port.accepted = [low, nearlyFull, low]
+        AcceptBackoff(clock, port, interval=0.5)
+        with capturedLogs() as events:
+            self.assertIs(port.socket.accept()[0], low)
+            self.assertTrue(port.reading)
+            self.assertIs(port.socket.accept()[0], nearlyFull)
+            self.assertRaises(BlockingIOError, port.socket.accept)
+        self.assertFalse(port.reading)
+        self.assertEqual([e["error"] for e in events], [f"fewer than {HEADROOM} left"])
+        clock.advance(0.5)
+        self.assertTrue(port.reading)
+        self.assertIs(port.socket.accept()[0], low)
 
     def test_otherErrorsPassThrough(self) -> None:
         port = _FakePort()
