@@ -12,6 +12,7 @@ import socket
 from typing import Callable, Optional
 
 from twisted.internet import tcp
+from twisted.internet.epollreactor import EPollReactor
 from twisted.python import lockfile
 
 
@@ -143,14 +144,33 @@ def forgetExitSignal(reactor) -> None:
         reactor._exitSignal = None
 
 
-def dropTransport(transport) -> None:
+def handOverReading(reactor, transport, reader) -> None:
     """
     Let go of a connection's transport without closing its socket, whose
-    descriptor the relay now owns (through C{getHandle()}).
+    descriptor C{reader} (a reader of the same descriptor) now owns, and
+    have the reactor read for C{reader} instead.
 
-    Assumes: a transport out of the reactor's readers (it has written
-    nothing, so it is in no writers either) is referenced by nothing in
-    Twisted, and closes nothing when collected (it has no C{__del__}; the
+    An epoll reactor still reading the transport keeps the descriptor in its
+    epoll set and only dispatches its events to C{reader}: the kernel is not
+    asked to forget it and watch it again (two C{epoll_ctl} calls per
+    connection).  Any other reactor, or a paused transport, gets
+    C{pauseProducing} and C{addReader}.
+
+    Assumes: an C{EPollReactor} keeps the descriptors it reads in C{_reads}
+    and those it writes in C{_writes}, and passes each event on a descriptor
+    to C{_selectables[fd]}; a transport out of the reactor's readers (it has
+    written nothing, so it is in no writers either) is referenced by nothing
+    in Twisted, and closes nothing when collected (it has no C{__del__}; the
     socket object lives on in the relay).
     """
-    transport.stopReading()
+    fd = reader.fileno()
+    if (
+        isinstance(reactor, EPollReactor)
+        and reactor._selectables.get(fd) is transport
+        and fd in reactor._reads
+        and fd not in reactor._writes
+    ):
+        reactor._selectables[fd] = reader
+        return
+    transport.pauseProducing()
+    reactor.addReader(reader)

@@ -17,6 +17,7 @@ from twisted.application import app, strports
 from twisted.internet import reactor, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import lockfile
@@ -236,27 +237,68 @@ class ExitSignalTests(TestCase):
         self.assertIsNone(reactor._exitSignal)
 
 
-class DropTransportTests(TestCase):
-    def test_droppedTransportClosesNothing(self):
+class _Reader:
+    """Reads a socket for the reactor; C{readable} fires at the first event."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.readable: Deferred = Deferred()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        reactor.removeReader(self)
+        self.readable.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+class HandOverReadingTests(TestCase):
+    def handOver(self, paused: bool) -> Deferred:
         """
-        A paused transport let go of (no C{connectionLost}) leaves its socket
-        open for whoever took the handle, and the reactor holds it no more.
+        A transport let go of (no C{connectionLost}) leaves its socket open
+        for the reader that took it over, the reactor reads for that reader
+        and holds the transport no more.
         """
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
         protocol = Protocol()
-        transport = reactor.adoptStreamConnection(
+        reactor.adoptStreamConnection(
             ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol)
         )
         ours.close()
         handle = protocol.transport.getHandle()
         self.addCleanup(handle.close)
-        protocol.transport.pauseProducing()
-        _compat.dropTransport(protocol.transport)
+        if paused:
+            protocol.transport.pauseProducing()
+        # What is added to the reactor's readers from here on.
+        self.added: list = []
+        addReader = reactor.addReader
+        self.patch(reactor, "addReader", lambda reader: (self.added.append(reader), addReader(reader)))
+        reader = _Reader(handle)
+        _compat.handOverReading(reactor, protocol.transport, reader)
+        self.assertIn(reader, reactor.getReaders())
         self.assertNotIn(protocol.transport, reactor.getReaders() + reactor.getWriters())
         self.assertFalse(hasattr(type(protocol.transport), "__del__"))
         protocol.transport = None
-        del transport
         gc.collect()
-        handle.send(b"x")
-        self.assertEqual(theirs.recv(1), b"x")
+        theirs.send(b"x")
+        return reader.readable.addCallback(lambda _: self.assertEqual(handle.recv(1), b"x"))
+
+    def test_readingTransport(self) -> Deferred:
+        """
+        The epoll reactor passes a reading transport's registration on:
+        nothing is added to its readers anew.
+        """
+        self.assertIsInstance(reactor, EPollReactor)
+        done = self.handOver(paused=False)
+        self.assertEqual(self.added, [])
+        return done
+
+    def test_pausedTransport(self) -> Deferred:
+        return self.handOver(paused=True)

@@ -302,6 +302,30 @@ class BudgetTests(RealSocketTests):
         self.assertEqual(hashlib.sha256(client.received).hexdigest(), self.backends[0].digest.hexdigest())
 
     @defer.inlineCallbacks
+    def test_smallSendBufferFromTheSecondRead(self):
+        """
+        A direction's sink keeps its default send buffer through the first
+        read (one small read at most, so a short exchange costs no
+        C{setsockopt}) and has the small one from the second read on.
+        """
+        self.startRouter(Peer)
+        client = yield defer.ensureDeferred(self.connectClient())
+        yield pollUntil(lambda: self.router.relays)
+        [relay] = self.router.relays
+        daemonSide = relay._splicer._daemon.sock
+        default = sndbuf(daemonSide)
+        self.assertNotEqual(default, 2 * SMALL_SNDBUF)
+        client.transport.write(b"a")
+        yield pollUntil(lambda: self.backends and self.backends[0].received == b"a")
+        self.assertEqual(sndbuf(daemonSide), default)
+        client.transport.write(b"b")
+        yield pollUntil(lambda: self.backends[0].received == b"ab")
+        self.assertEqual(sndbuf(daemonSide), 2 * SMALL_SNDBUF)
+        self.backends[0].transport.loseConnection()
+        client.transport.loseWriteConnection()
+        yield pollUntil(lambda: not self.router.relays)
+
+    @defer.inlineCallbacks
     def test_grantsStopAtTheUsersShare(self):
         """
         Three stalled downloads of one user with room for two grants: two
