@@ -275,11 +275,33 @@ class Splicer:
         grant) until then: closing would leave those bytes in the peer's
         queue, still the router's, and no longer counted.
         """
+        if self._closed:
+            return
         self.stop()
         self._closed = True
+        held = False
         for end in (self._client, self._daemon):
-            if not end.incoming.big:
+            if end.incoming.big:
+                held = True
+            else:
                 end.sock.close()
+        if not held:
+            self._forget()
+
+    def _forget(self) -> None:
+        """
+        Nothing can reach this relay any more (the reactor has let go of its
+        ends, the budget of its directions): cut its reference cycles, so
+        that it is freed at once rather than left to the cyclic garbage
+        collector, whose passes grow with every connection left to them.
+        Counts stay readable.
+        """
+        self._ended = _ignore
+        for end in (self._client, self._daemon):
+            # The reactor may still call an end from the poll that ended the
+            # relay (see doWrite): it finds a stopped splicer.
+            end.splicer = _STOPPED
+            end.outgoing = end.incoming = None  # type: ignore[assignment]
 
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
@@ -388,3 +410,12 @@ class Splicer:
             return
         self.stop()
         self._ended(f"{end.name}:{what}" if end else f"router:{what}")
+
+
+def _ignore(failure: Optional[str]) -> None:
+    pass
+
+
+# What the ends of a forgotten splicer point at: one that never runs.
+_STOPPED = Splicer.__new__(Splicer)
+_STOPPED._running = False
