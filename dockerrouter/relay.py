@@ -339,7 +339,7 @@ class ServerProtocol(Protocol):
             return
         duration = self.factory.reactor.seconds() - self.startedAt
         emitFormatted(
-            self.log,
+            self.factory.recordLog,
             LogLevel.info,
             CONNECTION_DONE,
             uid=self.client.uid,
@@ -408,7 +408,10 @@ class RouterFactory(Factory):
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
-        self.rejections = RejectionLog(reactor, ServerProtocol.log)
+        # The protocol's logger, made once (each instance's C{log} is a new
+        # Logger): the per-connection record and the refusals go through it.
+        self.recordLog = ServerProtocol.log
+        self.rejections = RejectionLog(reactor, self.recordLog)
         # What metrics and status read (at scrape time, not per chunk).
         # How connections were answered: "relayed", or a rejection's cause.
         self.results: dict[str, int] = {"relayed": 0}
