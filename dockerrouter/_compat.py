@@ -14,7 +14,8 @@ from typing import Callable, Optional, cast
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp, unix
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import _ISupportsExitSignalCapturing
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, _ISupportsExitSignalCapturing
 from twisted.logger import FileLogObserver, LogPublisher
 from twisted.python import lockfile
 from twisted.python.failure import Failure
@@ -150,17 +151,36 @@ def forgetExitSignal(reactor: object) -> None:
         reactor._exitSignal = None
 
 
-def dropTransport(transport: FileDescriptor) -> None:
+def handOverReading(reactor: IReactorFDSet, transport: FileDescriptor, reader: IReadDescriptor) -> None:
     """
     Let go of a connection's transport without closing its socket, whose
-    descriptor the relay now owns (through C{getHandle()}).
+    descriptor C{reader} (a reader of the same descriptor) now owns, and
+    have the reactor read for C{reader} instead.
 
-    Assumes: a transport out of the reactor's readers (it has written
-    nothing, so it is in no writers either) is referenced by nothing in
-    Twisted, and closes nothing when collected (it has no C{__del__}; the
+    An epoll reactor still reading the transport keeps the descriptor in its
+    epoll set and only dispatches its events to C{reader}: the kernel is not
+    asked to forget it and watch it again (two C{epoll_ctl} calls per
+    connection).  Any other reactor, or a paused transport, gets
+    C{pauseProducing} and C{addReader}.
+
+    Assumes: an C{EPollReactor} keeps the descriptors it reads in C{_reads}
+    and those it writes in C{_writes}, and passes each event on a descriptor
+    to C{_selectables[fd]}; a transport out of the reactor's readers (it has
+    written nothing, so it is in no writers either) is referenced by nothing
+    in Twisted, and closes nothing when collected (it has no C{__del__}; the
     socket object lives on in the relay).
     """
-    transport.stopReading()
+    fd = reader.fileno()
+    if (
+        isinstance(reactor, EPollReactor)
+        and reactor._selectables.get(fd) is transport
+        and fd in reactor._reads
+        and fd not in reactor._writes
+    ):
+        reactor._selectables[fd] = reader
+        return
+    transport.pauseProducing()
+    reactor.addReader(reader)
 
 
 # The name Twisted's textFileLogObserver gives the formatter it makes.

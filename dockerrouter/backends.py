@@ -93,6 +93,10 @@ class BackendResolver:
         self.advice = advice or Advice()
         self.rules = tuple(rules)
         self._needGroups = any(rule.groups for rule in self.rules)
+        # (uid, owner, templates) -> (the account it was made with, route):
+        # a route is made once per user, and again when their account is
+        # looked up anew (see L{Lookups}).
+        self._routes: dict[tuple, tuple[Account, Route]] = {}
 
     def resolve(self, client: Credentials, sock: Optional[socket.socket] = None) -> Route:
         """
@@ -130,6 +134,10 @@ class BackendResolver:
                         )
                     owner = named
                 break
+        key = (uid, owner, templates)
+        made = self._routes.get(key)
+        if made is not None and made[0] is account:
+            return made[1]
         candidates = tuple(
             Backend(template.format(uid=uid, user=account.name, home=account.home), uid, account.name, owner, template)
             for template in templates
@@ -140,7 +148,11 @@ class BackendResolver:
                 Backend("-", uid, account.name, owner),
                 "every socket path needs a home directory, and the user database has none",
             )
-        return Route(candidates)
+        route = Route(candidates)
+        if len(self._routes) >= 100_000:
+            self._routes.clear()
+        self._routes[key] = (account, route)
+        return route
 
 
 def loginDefsUidMin(path: str = "/etc/login.defs", default: int = 1000) -> int:

@@ -31,6 +31,8 @@ IDENTIFIER = "docker-router"
 # A datagram must fit the socket's send buffer; longer messages are cut
 # (sd_journal_send would pass them through a memfd instead).
 MAX_VALUE = 48 * 1024
+# Characters that can't make more than MAX_VALUE bytes of UTF-8.
+_SHORT = MAX_VALUE // 4
 
 # Event fields of the connection record (see L{dockerrouter.logging}) and
 # their journal field names.
@@ -53,6 +55,10 @@ def encode(fields: Mapping[str, object]) -> bytes:
     value holding a newline as its name, a newline, its length (64-bit
     little-endian) and its bytes.
     """
+    values = [str(value) for value in fields.values()]
+    if not any("\n" in value or len(value) > _SHORT for value in values):
+        # The usual entry (the connection record): encoded in one go.
+        return "".join(f"{name}={value}\n" for name, value in zip(fields, values)).encode("utf-8", "replace")
     parts = []
     for name, value in fields.items():
         data = str(value).encode("utf-8", "replace")[:MAX_VALUE]
@@ -82,8 +88,12 @@ class JournalObserver:
 
     def fields(self, event: dict[str, Any]) -> dict[str, object]:
         level = event.get("log_level", LogLevel.info)
+        if event.get("log_format") == "{text}" and "text" in event and "log_failure" not in event:
+            message = event["text"]  # made by emitFormatted: no need to format it again
+        else:
+            message = eventAsText(event, includeTimestamp=False, includeSystem=False) or ""
         fields: dict[str, object] = {
-            "MESSAGE": (eventAsText(event, includeTimestamp=False, includeSystem=False) or "").rstrip("\n"),
+            "MESSAGE": message.rstrip("\n"),
             "PRIORITY": event.get("syslogPriority", SYSLOG_PRIORITIES.get(level, 6)),
             "SYSLOG_IDENTIFIER": IDENTIFIER,
             # Read per event: twistd may fork after the observer is made.

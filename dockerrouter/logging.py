@@ -10,6 +10,7 @@ both, so warnings arrive as LOG_WARNING in the daemon facility.
 """
 
 import syslog
+import time
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -66,7 +67,18 @@ class RouterLogger(Logger):
     ) -> None:
         kwargs.setdefault("syslogPriority", SYSLOG_PRIORITIES[level])
         kwargs.setdefault("syslogFacility", syslog.LOG_DAEMON)
-        super().emit(level, format, **kwargs)
+        if "log_trace" in kwargs:
+            super().emit(level, format, **kwargs)
+            return
+        # Logger.emit's event, without its check of the level (the line
+        # above has made it), which sorts LogLevel's constants per event.
+        kwargs["log_logger"] = self
+        kwargs["log_level"] = level
+        kwargs["log_namespace"] = self.namespace
+        kwargs["log_source"] = self.source
+        kwargs["log_format"] = format
+        kwargs["log_time"] = time.time()
+        self.observer(kwargs)
 
 
 class RejectionLog:

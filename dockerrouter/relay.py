@@ -25,7 +25,6 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter._compat import dropTransport
 from dockerrouter.backends import (
     Backend,
     BackendResolver,
@@ -123,7 +122,10 @@ class ServerProtocol(Protocol):
 
     Twisted's transport carries the connection until it is relayed (and a
     rejected one to its end); a relayed one belongs to the L{Splicer}, and
-    the transport, paused since C{connectionMade}, is let go.
+    the transport is let go.  The transport never reads a relayed
+    connection: the reactor can't call it while C{connectionMade} runs, and
+    a connection that has to wait (for a name, for room in the daemon's
+    backlog) is paused first.
     """
 
     log = RouterLogger()
@@ -149,9 +151,6 @@ class ServerProtocol(Protocol):
     _startTried = False
 
     def connectionMade(self) -> None:
-        # Don't read until there is somewhere to send it: the kernel keeps
-        # the client's first bytes until the backend is connected and verified.
-        self.transport.pauseProducing()
         self.startedAt = self.factory.reactor.seconds()
         self.client = peerCredentials(self.transport.getHandle())
         # Read once: a reload gives later connections other settings.
@@ -169,6 +168,7 @@ class ServerProtocol(Protocol):
         try:
             route = self.settings.resolver.resolve(self.client, self.transport.getHandle())
         except NeedLookup as waiting:
+            self._wait()
             waiting.deferred.addCallbacks(self._route, self._lookupFailed)
             return
         except BackendUnusable as reason:
@@ -183,9 +183,16 @@ class ServerProtocol(Protocol):
         except BackendUnusable as reason:
             self._reject(reason)
             return
-        self._connectBy = self.factory.reactor.seconds() + self.settings.connectTimeout
         self._connectFrom = self.factory.reactor.seconds()
+        self._connectBy = self._connectFrom + self.settings.connectTimeout
         self._connect()
+
+    def _wait(self) -> None:
+        """
+        Don't read while the connection waits: the kernel keeps the
+        client's first bytes until there is somewhere to send them.
+        """
+        self.transport.pauseProducing()
 
     def _lookupFailed(self, failure: Failure) -> None:
         if self._lost:
@@ -213,6 +220,7 @@ class ServerProtocol(Protocol):
             # The daemon's listen backlog is full: wait for room, as a
             # blocking connect would, up to the connect timeout.
             if self.factory.reactor.seconds() < self._connectBy:
+                self._wait()
                 self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
             else:
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
@@ -237,9 +245,8 @@ class ServerProtocol(Protocol):
             self.factory.budget,
             self.backend.uid,
         )
-        dropTransport(self.transport)
-        self.transport = None
-        self._splicer.start()
+        transport, self.transport = self.transport, None
+        self._splicer.start(transport)
         self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom, self.backend.template)
 
     def _failed(self, reason: BackendUnusable) -> None:
@@ -282,6 +289,7 @@ class ServerProtocol(Protocol):
             self._reject(reason)
             return
         self._startTried = True
+        self._wait()
         # It may fire at once: kept only while it waits.
         self._starting = starting = starter.start(
             candidates[0],
@@ -394,7 +402,7 @@ class ServerProtocol(Protocol):
             return
         duration = self.factory.reactor.seconds() - self.startedAt
         emitFormatted(
-            self.log,
+            self.factory.recordLog,
             LogLevel.info,
             CONNECTION_DONE,
             uid=self.client.uid,
@@ -465,7 +473,10 @@ class RouterFactory(Factory):
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
         self._whenIdle: list[Deferred] = []
-        self.rejections = RejectionLog(reactor, ServerProtocol.log)
+        # The protocol's logger, made once (each instance's C{log} is a new
+        # Logger): the per-connection record and the refusals go through it.
+        self.recordLog = ServerProtocol.log
+        self.rejections = RejectionLog(reactor, self.recordLog)
         # What metrics and status read (at scrape time, not per chunk).
         # How connections were answered: "relayed", or a rejection's cause.
         self.results: dict[str, int] = {"relayed": 0}

@@ -14,7 +14,10 @@ when the direction is drained, so thousands of idle connections hold none.
 
 What a direction may hold in flight is small (a small read into a small
 pipe, a small send buffer on its sink) unless the L{Budget} lends it the
-big pipe and the grown send buffer of a bulk transfer; see L{budget}.
+big pipe and the grown send buffer of a bulk transfer; see L{budget}.  The
+sink's send buffer is made small before a direction's second read: until
+then it holds no more than one small read, and a short exchange (most of
+Docker's API) costs no C{setsockopt} at all.
 """
 
 import errno
@@ -28,6 +31,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
+from dockerrouter._compat import handOverReading
 from dockerrouter.budget import Budget
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -103,9 +107,10 @@ class _Direction:
         send buffer on the sink).
     @ivar chunk: how much one read from the source may take.
     @ivar swept: C{count} when the budget last looked.
+    @ivar sized: whether the sink's send buffer has been set (small or big).
     """
 
-    __slots__ = ("source", "sink", "pipe", "pending", "count", "eof", "done", "big", "chunk", "swept")
+    __slots__ = ("source", "sink", "pipe", "pending", "count", "eof", "done", "big", "chunk", "swept", "sized")
 
     def __init__(self, source: "_End", sink: "_End") -> None:
         self.source = source
@@ -118,6 +123,7 @@ class _Direction:
         self.big = False
         self.chunk = SMALL
         self.swept = -1
+        self.sized = False
 
     def sweep(self) -> None:
         """The budget's look, about once a second: give the grant back if quiet."""
@@ -228,11 +234,18 @@ class Splicer:
     def fromDocker(self) -> int:
         return self._down.count
 
-    def start(self) -> None:
+    def start(self, transport: Any = None) -> None:
+        """
+        @param transport: the Twisted transport that carried the client's
+            socket until now, if any: the reactor's reading of the socket
+            passes from it to the splicer (see L{handOverReading}).
+        """
         self._running = True
-        for end in (self._client, self._daemon):
-            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
-        self._client.read(True)
+        if transport is not None:
+            handOverReading(self._reactor, transport, self._client)
+            self._client.reading = True
+        else:
+            self._client.read(True)
         self._daemon.read(True)
         # A client usually sends its request as soon as it has connected:
         # take it now rather than after another turn of the reactor.
@@ -262,11 +275,33 @@ class Splicer:
         grant) until then: closing would leave those bytes in the peer's
         queue, still the router's, and no longer counted.
         """
+        if self._closed:
+            return
         self.stop()
         self._closed = True
+        held = False
         for end in (self._client, self._daemon):
-            if not end.incoming.big:
+            if end.incoming.big:
+                held = True
+            else:
                 end.sock.close()
+        if not held:
+            self._forget()
+
+    def _forget(self) -> None:
+        """
+        Nothing can reach this relay any more (the reactor has let go of its
+        ends, the budget of its directions): cut its reference cycles, so
+        that it is freed at once rather than left to the cyclic garbage
+        collector, whose passes grow with every connection left to them.
+        Counts stay readable.
+        """
+        self._ended = _ignore
+        for end in (self._client, self._daemon):
+            # The reactor may still call an end from the poll that ended the
+            # relay (see doWrite): it finds a stopped splicer.
+            end.splicer = _STOPPED
+            end.outgoing = end.incoming = None  # type: ignore[assignment]
 
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
@@ -283,9 +318,15 @@ class Splicer:
         if n == 0:
             d.eof = True
             d.source.read(False)
-        elif n == d.chunk and not d.big:
-            # The source had more than a small read: a bulk transfer.
-            self._grow(d)
+        else:
+            if not d.sized and d.count:
+                # A second read: the first is all the sink's default
+                # buffer may hold.
+                d.sized = True
+                d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
+            if n == d.chunk and not d.big:
+                # The source had more than a small read: a bulk transfer.
+                self._grow(d)
         d.pending += n
         d.count += n
         self._drain(d)
@@ -324,6 +365,7 @@ class Splicer:
         d.big = True
         d.chunk = BIG
         d.swept = -1
+        d.sized = True
         d.sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG)
         return True
 
@@ -368,3 +410,12 @@ class Splicer:
             return
         self.stop()
         self._ended(f"{end.name}:{what}" if end else f"router:{what}")
+
+
+def _ignore(failure: Optional[str]) -> None:
+    pass
+
+
+# What the ends of a forgotten splicer point at: one that never runs.
+_STOPPED = Splicer.__new__(Splicer)
+_STOPPED._running = False

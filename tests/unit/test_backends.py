@@ -32,7 +32,7 @@ from dockerrouter.backends import (
     verifyDaemon,
 )
 from dockerrouter.credentials import Credentials
-from dockerrouter.routing import Account, accountOf
+from dockerrouter.routing import Account, Lookups, accountOf
 from dockerrouter.visibility import Found, Missing
 
 
@@ -49,6 +49,27 @@ class ResolverTests(SynchronousTestCase):
             resolver.resolve(Credentials(pid=5, uid=1000, gid=1000)).candidates,
             (Backend("/srv/alice/1000.sock", 1000, "alice", 1000, "/srv/{user}/{uid}.sock"),),
         )
+
+    def test_routeMadeOncePerAccount(self) -> None:
+        """
+        A user's route is made once and reused while their account is
+        remembered; once it is looked up anew (a renamed user), the route
+        follows it.
+        """
+        now = [0.0]
+        names = {1000: "alice"}
+        resolver = BackendResolver(
+            "/srv/{user}.sock",
+            lookups=Lookups(lambda: now[0], account=lambda uid: Account(names[uid]), ttl=60),
+        )
+        alice = Credentials(pid=5, uid=1000, gid=1000)
+        first = resolver.resolve(alice)
+        self.assertIs(resolver.resolve(alice), first)
+        names[1000] = "alicia"
+        self.assertIs(resolver.resolve(alice), first)
+        now[0] = 61.0
+        (backend,) = resolver.resolve(alice).candidates
+        self.assertEqual((backend.path, backend.user), ("/srv/alicia.sock", "alicia"))
 
     def test_nameFromUserDatabase(self) -> None:
         self.assertEqual(accountOf(0), Account("root", "/root"))

@@ -11,17 +11,21 @@ import select
 import shutil
 import socket
 import tempfile
+from typing import cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application import app, strports
 from twisted.internet import reactor, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorSocket
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorSocket, IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.python import lockfile
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from dockerrouter import _compat
 
@@ -239,30 +243,79 @@ class ExitSignalTests(TestCase):
         self.assertIsNone(reactor._exitSignal)
 
 
-class DropTransportTests(TestCase):
-    def test_droppedTransportClosesNothing(self):
+@implementer(IReadDescriptor)
+class _Reader:
+    """Reads a socket for the reactor; C{readable} fires at the first event."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.readable: Deferred = Deferred()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        reactor.removeReader(self)
+        self.readable.callback(None)
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+class HandOverReadingTests(TestCase):
+    def handOver(self, paused: bool) -> Deferred:
         """
-        A paused transport let go of (no C{connectionLost}) leaves its socket
-        open for whoever took the handle, and the reactor holds it no more.
+        A transport let go of (no C{connectionLost}) leaves its socket open
+        for the reader that took it over, the reactor reads for that reader
+        and holds the transport no more.
         """
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
         protocol = Protocol()
-        transport = reactor.adoptStreamConnection(
-            ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol)
+        IReactorSocket(reactor).adoptStreamConnection(
+            # forProtocol is typed to make a plain Factory; it makes the factory's own class.
+            ours.fileno(), socket.AF_UNIX, cast(ServerFactory, ServerFactory.forProtocol(lambda: protocol))
         )
         ours.close()
         handle = protocol.transport.getHandle()
         self.addCleanup(handle.close)
-        protocol.transport.pauseProducing()
-        _compat.dropTransport(protocol.transport)
+        if paused:
+            protocol.transport.pauseProducing()
+        # What is added to the reactor's readers from here on.
+        self.added: list[IReadDescriptor] = []
+        addReader = reactor.addReader
+
+        def adding(reader: IReadDescriptor) -> None:
+            self.added.append(reader)
+            addReader(reader)
+
+        self.patch(reactor, "addReader", adding)
+        reader = _Reader(handle)
+        assert isinstance(protocol.transport, FileDescriptor)
+        _compat.handOverReading(reactor, protocol.transport, reader)
+        self.assertIn(reader, reactor.getReaders())
         self.assertNotIn(protocol.transport, reactor.getReaders() + reactor.getWriters())
         self.assertFalse(hasattr(type(protocol.transport), "__del__"))
         protocol.transport = None
-        del transport
         gc.collect()
-        handle.send(b"x")
-        self.assertEqual(theirs.recv(1), b"x")
+        theirs.send(b"x")
+        return reader.readable.addCallback(lambda _: self.assertEqual(handle.recv(1), b"x"))
+
+    def test_readingTransport(self) -> Deferred:
+        """
+        The epoll reactor passes a reading transport's registration on:
+        nothing is added to its readers anew.
+        """
+        self.assertIsInstance(reactor, EPollReactor)
+        done = self.handOver(paused=False)
+        self.assertEqual(self.added, [])
+        return done
+
+    def test_pausedTransport(self) -> Deferred:
+        return self.handOver(paused=True)
 
 
 class TextFileObserverTests(TestCase):

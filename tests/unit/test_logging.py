@@ -3,6 +3,7 @@ The refusal log under a flood: the first refusal of a uid for a cause in
 full, then at most one summary line per minute.
 """
 
+import syslog
 from typing import Sequence
 
 from twisted.internet.task import Clock
@@ -135,3 +136,22 @@ class ClassicTextTests(SynchronousTestCase):
         self.assertIsInstance(fileObserver.formatEvent, ClassicText)
         emitFormatted(RouterLogger(observer=publisher), LogLevel.info, "x={x}", x=1)
         self.assertTrue(out.getvalue().endswith("#info] x=1\n"), out.getvalue())
+
+
+class RouterLoggerTests(SynchronousTestCase):
+    def test_sameEventsAsLoggers(self) -> None:
+        """
+        L{RouterLogger} makes the events L{Logger.emit} makes (less its
+        check of the level), with the syslog priority and facility added.
+        """
+        events = _Recorder()
+        source = object()
+        for kind in (Logger, RouterLogger):
+            kind("a.namespace", source, events).emit(LogLevel.warn, "{x}", x=1)
+        twisted, ours = events
+        self.assertEqual(ours.pop("syslogPriority"), syslog.LOG_WARNING)
+        self.assertEqual(ours.pop("syslogFacility"), syslog.LOG_DAEMON)
+        self.assertLess(ours.pop("log_time") - twisted.pop("log_time"), 1)
+        self.assertIs(ours.pop("log_logger").__class__, RouterLogger)
+        twisted.pop("log_logger")
+        self.assertEqual(ours, twisted)

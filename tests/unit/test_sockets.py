@@ -3,9 +3,11 @@ The relay over real Unix sockets in this process: half-close each way and
 backpressure, which in-memory transports can't show.
 """
 
+import gc
 import hashlib
 import os
 import socket
+import weakref
 
 from typing import Optional
 
@@ -65,6 +67,10 @@ class AnswerAfterEOF(Peer):
         self.readEnded.callback(bytes(self.received))
         self.transport.write(b"%d\n" % len(self.received) + self.answer)
         self.transport.loseConnection()
+
+
+class ShortAnswer(AnswerAfterEOF):
+    answer = b"ok\n"
 
 
 @implementer(IPushProducer)
@@ -167,6 +173,27 @@ class RealSocketTests(TestCase):
         client.transport.loseWriteConnection()
         yield client.lost
         self.assertEqual(bytes(client.received), b"4\n" + AnswerAfterEOF.answer)
+
+    @defer.inlineCallbacks
+    def test_anEndedRelayIsFreedAtOnce(self):
+        """
+        An ended relay is left in no reference cycle: reference counting
+        frees it, and the cyclic garbage collector has no work per
+        connection.
+        """
+        gc.disable()
+        self.addCleanup(gc.enable)
+        self.startRouter(ShortAnswer)
+        client = yield defer.ensureDeferred(self.connectClient())
+        yield pollUntil(lambda: self.router.relays)
+        [relay] = self.router.relays
+        refs = [weakref.ref(relay), weakref.ref(relay._splicer)]
+        del relay
+        client.transport.write(b"abc\n")
+        client.transport.loseWriteConnection()
+        yield client.lost
+        yield pollUntil(lambda: not self.router.relays)
+        self.assertEqual([ref() for ref in refs], [None, None])
 
     @defer.inlineCallbacks
     def test_daemonHalfClose(self):
@@ -300,6 +327,30 @@ class BudgetTests(RealSocketTests):
         client.transport.resumeProducing()
         yield client.readEnded
         self.assertEqual(hashlib.sha256(client.received).hexdigest(), self.backends[0].digest.hexdigest())
+
+    @defer.inlineCallbacks
+    def test_smallSendBufferFromTheSecondRead(self):
+        """
+        A direction's sink keeps its default send buffer through the first
+        read (one small read at most, so a short exchange costs no
+        C{setsockopt}) and has the small one from the second read on.
+        """
+        self.startRouter(Peer)
+        client = yield defer.ensureDeferred(self.connectClient())
+        yield pollUntil(lambda: self.router.relays)
+        [relay] = self.router.relays
+        daemonSide = relay._splicer._daemon.sock
+        default = sndbuf(daemonSide)
+        self.assertNotEqual(default, 2 * SMALL_SNDBUF)
+        client.transport.write(b"a")
+        yield pollUntil(lambda: self.backends and self.backends[0].received == b"a")
+        self.assertEqual(sndbuf(daemonSide), default)
+        client.transport.write(b"b")
+        yield pollUntil(lambda: self.backends[0].received == b"ab")
+        self.assertEqual(sndbuf(daemonSide), 2 * SMALL_SNDBUF)
+        self.backends[0].transport.loseConnection()
+        client.transport.loseWriteConnection()
+        yield pollUntil(lambda: not self.router.relays)
 
     @defer.inlineCallbacks
     def test_grantsStopAtTheUsersShare(self):
