@@ -38,8 +38,6 @@ DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 6 * 3600.0
 # is retried up to the connect timeout.
 CONNECT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0)
 
-DIRECTIONS = ("to_docker", "from_docker")
-
 
 def rejectionCauses() -> list[str]:
     """Every cause a connection can be refused for, as the log names them."""
