@@ -510,7 +510,7 @@ class Concealed(BackendUnusable):
     def __init__(self, reason: BackendUnusable) -> None:
         super().__init__(reason.backend)
         self.reason = reason
-        self.cause = reason.cause  # type: ignore[misc]
+        self.cause = reason.cause  # type: ignore[misc]  # the concealed reason's cause, for the log and metrics
 
 
 class Denied(BackendUnusable):

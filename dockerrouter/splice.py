@@ -301,7 +301,7 @@ class Splicer:
             # The reactor may still call an end from the poll that ended the
             # relay (see doWrite): it finds a stopped splicer.
             end.splicer = _STOPPED
-            end.outgoing = end.incoming = None  # type: ignore[assignment]
+            end.outgoing = end.incoming = None  # type: ignore[assignment]  # stopped: no direction is used again
 
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
@@ -335,7 +335,7 @@ class Splicer:
         while d.pending:
             try:
                 # Pending bytes are always in a pipe.
-                d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]
+                d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]  # see above
             except BlockingIOError:
                 if not d.big and self._grow(d):
                     continue

@@ -87,7 +87,7 @@ class _Collect(ProcessProtocol):
 
     def _kill(self, _: Deferred) -> None:
         try:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]  # a process transport, set before any kill
         except Exception:
             pass  # already gone
 

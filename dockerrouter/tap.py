@@ -273,7 +273,7 @@ def _oneLineFor(previous: Callable[..., Any]) -> Callable[..., Any]:
         else:
             previous(kind, value, traceback)
 
-    excepthook.printsCannotListen = True  # type: ignore[attr-defined]
+    excepthook.printsCannotListen = True  # type: ignore[attr-defined]  # a mark on the function
     return excepthook
 
 

@@ -33,7 +33,7 @@ class PeerCredentialsTests(SynchronousTestCase):
         c = Credentials(pid=1, uid=2, gid=3)
         self.assertEqual(c, Credentials(1, 2, 3))
         with self.assertRaises(AttributeError):
-            c.uid = 0  # type: ignore[misc]
+            c.uid = 0  # type: ignore[misc]  # frozen: the point of the test
 
 
 class UnsignedIdsTests(SynchronousTestCase):

@@ -219,7 +219,7 @@ class SyslogObserverTests(SynchronousTestCase):
         self.patch(twistedSyslog.SyslogObserver, "openlog", lambda *args: None)
         self.patch(twistedSyslog.SyslogObserver, "syslog", lambda self, priority, line: sent.append(priority))
         # What twistd --syslog does; its annotation wants the new-style interface.
-        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)  # type: ignore[arg-type]
+        observer = LegacyLogObserverWrapper(twistedSyslog.SyslogObserver("docker-router").emit)  # type: ignore[arg-type]  # the legacy observer takes legacy events
         log = RouterLogger(observer=observer)
         log.info("i")
         log.warn("w")
