@@ -42,7 +42,7 @@ from dockerrouter.notify import Notifier, NotifyService
 from dockerrouter.relay import RouterFactory, answers
 from dockerrouter.reload import ReloadService
 from dockerrouter.starter import Starter
-from dockerrouter.web import OptionalListener, checkEndpoint
+from dockerrouter.web import OptionalListener
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
 
@@ -230,10 +230,6 @@ class Options(FileOptions):
 
     def postOptions(self) -> None:
         self.readConfigFile()
-        for description in self["metrics"]:
-            checkEndpoint(description, "metrics")
-        if self["control"]:
-            checkEndpoint(self["control"], "control")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for template in self["user-socket"]:

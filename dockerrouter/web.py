@@ -3,8 +3,9 @@ What the router serves over HTTP besides Docker (metrics, the control
 endpoint): sites with no access log, on endpoints that are nice to have.
 
 Neither is worth stopping the router for: if an endpoint can't be had
-(taken by another router, a missing directory), the router warns and serves
-Docker without it.
+(taken by another router, a missing directory, a socket systemd did not hand
+over, a description that does not parse), the router warns and serves Docker
+without it.
 """
 
 import errno
@@ -14,8 +15,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.internet.testing import MemoryReactor
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Site
@@ -30,16 +29,6 @@ class QuietSite(Site):
 
     def log(self, request: http.Request) -> None:
         pass
-
-
-def checkEndpoint(description: str, option: str) -> None:
-    """
-    @raise usage.UsageError: C{description} is not a server endpoint string.
-    """
-    try:
-        serverFromString(MemoryReactor(), description)
-    except Exception as e:
-        raise usage.UsageError(f"bad --{option} endpoint {description!r}: {e}")
 
 
 class OptionalListener(Service):
@@ -76,6 +65,8 @@ class OptionalListener(Service):
             reason = "another docker-router serves it"
         elif getattr(reason, "errno", None) == errno.ENOENT:
             reason = "its directory does not exist"
+        elif failure.check(KeyError, IndexError) and self.description.startswith("systemd:"):
+            reason = "systemd handed over no such socket"
         self.log.warn(
             "not serving {what} on {endpoint}: {reason}",
             what=self._what,

@@ -67,6 +67,17 @@ class MetricsTestCase(IntegrationTestCase):
 
 
 class MetricsTests(MetricsTestCase):
+    def test_missingSystemdSocketIsAWarning(self):
+        """
+        A metrics socket systemd did not hand over (its unit stopped or not
+        installed) costs a warning, never Docker: the router starts and
+        serves.
+        """
+        router = self.harness.startRouter(args=["--metrics", "systemd:domain=INET:name=metrics"])
+        router.waitLog(r"not serving metrics on systemd:domain=INET:name=metrics: "
+                       r"systemd handed over no such socket$")
+        self.assertIsNone(router.process.poll(), router.evidence())
+
     def test_everySeriesFromTheStart(self):
         """
         Before any connection, every series is there, at zero.
