@@ -283,9 +283,9 @@ class Reloader:
     def __call__(self) -> str:
         """Reload; a few words for the reload's log line."""
         fresh = self.options.fromCommandLine()
-        path = configPath(fresh["config"])
-        if path is None:
-            return "no configuration file"
+        # No file (any more): the command line and the defaults, so that a
+        # rule removed with its file is gone after the reload.
+        path = configPath(fresh["config"]) or "no configuration file, defaults"
         try:
             fresh.postOptions()
             settings = self.build(fresh)

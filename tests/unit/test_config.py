@@ -114,6 +114,25 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(said, f"{self.path.path} applied to new connections")
         self.assertEqual(events, [])
 
+    def test_removedDefaultFileGivesDefaults(self) -> None:
+        """
+        The default file removed (with, say, a rule in it) and a reload:
+        the command line and the defaults apply, not what the file said.
+        """
+        default = FilePath(self.mktemp())
+        default.setContent(b"max-connections-per-user = 5\n")
+        self.patch(config, "DEFAULT_PATH", default.path)
+        options = Options()
+        options.parseOptions(["--listen", "unix:x.sock", "--control", ""])
+        service = makeService(options, reactor=MemoryReactorClock())
+        [reloads] = [s for s in service if isinstance(s, ReloadService)]
+        [reload] = [r for r in reloads.reloaders if isinstance(r, config.Reloader)]
+        self.assertEqual(reload.factory.settings.maxConnectionsPerUser, 5)
+        default.remove()
+        said = reload()
+        self.assertEqual(reload.factory.settings.maxConnectionsPerUser, 1024)
+        self.assertEqual(said, "no configuration file, defaults applied to new connections")
+
     def test_badFileKeepsTheOld(self) -> None:
         before = self.factory.settings
         self.path.setContent(b"max-connections-per-user = 6\nmax-connections-per-user = 7\n")
