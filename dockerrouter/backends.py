@@ -295,6 +295,21 @@ def _overlapping(ranges: list[tuple[int, int, int, int]]) -> set[int]:
     return overlapping
 
 
+def locateSetupTool(
+    which: Callable[[str], Optional[str]] = shutil.which,
+    directories: tuple[str, ...] = SETUP_TOOL_DIRECTORIES,
+) -> Optional[str]:
+    """Where the setup tool is: on PATH, or where the distribution put it."""
+    found = which(SETUP_TOOL)
+    if found is not None:
+        return found
+    for directory in directories:
+        candidate = os.path.join(directory, SETUP_TOOL)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def findSetupTool(
     which: Callable[[str], Optional[str]] = shutil.which,
     directories: tuple[str, ...] = SETUP_TOOL_DIRECTORIES,
@@ -306,9 +321,9 @@ def findSetupTool(
     distribution keeps beside it, by name.  Looked for once, at start.
     """
     if which(SETUP_TOOL) is None:
-        for directory in directories:
-            if os.access(os.path.join(directory, SETUP_TOOL), os.X_OK):
-                return f"PATH={directory}:$PATH {SETUP_TOOL}"
+        found = locateSetupTool(lambda name: None, directories)
+        if found is not None:
+            return f"PATH={os.path.dirname(found)}:$PATH {SETUP_TOOL}"
     return SETUP_TOOL
 
 

@@ -22,7 +22,7 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.backends import findSetupTool
+from dockerrouter.backends import SETUP_TOOL, findSetupTool, locateSetupTool
 from dockerrouter.routing import DEFAULT_CHAIN
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
@@ -243,10 +243,7 @@ def _startCommand(user: pwd.struct_passwd, stale: bool, asRoot: bool) -> str:
     elif os.path.exists(unit):
         command = "systemctl --user start docker"
     else:
-        tool = findSetupTool()
-        where = f"PATH={os.path.dirname(tool)}:$PATH " if os.path.isabs(tool) else ""
-        command = (f"{where}{os.path.basename(tool)} install --force && "
-                   "systemctl --user enable --now docker")
+        command = f"{findSetupTool()} install --force && systemctl --user enable --now docker"
     return f"as {user.pw_name}: {command}" if asRoot else command
 
 
@@ -258,10 +255,9 @@ def _owner(uid: int) -> str:
 
 
 def checkSetupTool() -> Check:
-    tool = findSetupTool()
-    found = tool if os.path.isabs(tool) else shutil.which(tool)
+    found = locateSetupTool()
     if found is None:
-        return Check(WARN, "setup tool", f"{tool} not found", "sudo apt-get install docker.io rootlesskit")
+        return Check(WARN, "setup tool", f"{SETUP_TOOL} not found", "sudo apt-get install docker.io rootlesskit")
     return Check(OK, "setup tool", os.path.realpath(found))
 
 
