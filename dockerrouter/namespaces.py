@@ -153,8 +153,11 @@ def _fromProc(pid: int, pidfd: int) -> int:
     is gone, so then C{/proc/<pid>} was that process.
     """
     namespace = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    # A pidfd polls readable once its process has exited.
-    if select.select([pidfd], [], [], 0)[0]:
+    # A pidfd polls readable once its process has exited.  (poll, not
+    # select: the router's descriptors run far past select's 1024.)
+    exited = select.poll()
+    exited.register(pidfd, select.POLLIN)
+    if exited.poll(0):
         os.close(namespace)
         raise OSError(errno.ESRCH, "the connecting process has exited")
     return namespace

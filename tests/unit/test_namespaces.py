@@ -4,6 +4,7 @@ namespaces (made with util-linux C{unshare}, as an unprivileged uid).
 """
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -96,6 +97,25 @@ class OutermostOwnerTests(SynchronousTestCase):
         process.stdin.close()
         process.wait()
         self.assertIsNone(outermostOwner(sock, process.pid))
+
+    def test_withoutTheNamespaceIoctlPastSelectsLimit(self) -> None:
+        """
+        The same with the router's descriptors past 1024, as under load:
+        the peer's pidfd is numbered past what select(2) can take.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            raise unittest.SkipTest(f"the hard descriptor limit {hard} is below 2048")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        self.patch(namespaces, "PIDFD_GET_USER_NAMESPACE", 0xFF7F)
+        sock, process = self.client("-U")
+        filler: list[int] = []
+        while not filler or filler[-1] < 1100:
+            filler.append(os.dup(sock.fileno()))
+        for fd in filler:
+            self.addCleanup(os.close, fd)
+        self.assertEqual(outermostOwner(sock, process.pid), USER)
 
     def test_withoutPeerPidfd(self) -> None:
         """
