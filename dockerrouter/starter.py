@@ -266,7 +266,9 @@ class Starter:
         backend = attempt.backend
         return [
             self.systemdRun,
-            f"--uid={backend.user}",
+            # The number that was verified, not a name looked up again.
+            f"--uid={backend.uid}",
+            "--no-ask-password",
             "--pipe",
             "--wait",
             "--quiet",

@@ -73,7 +73,7 @@ class StarterTests(SynchronousTestCase):
         fired = self.start()
         self.assertEqual(self.runner.answer(), ["/usr/bin/systemctl", "start", "user@1001.service"])
         listing = self.runner.answer(ENABLED)
-        self.assertIn("--uid=alice", listing)
+        self.assertIn("--uid=1001", listing)
         self.assertEqual(listing[-6:], ["--user", "list-unit-files", "--state=enabled", "--no-legend",
                                         "docker.service", "podman.socket"])
         starting = self.runner.answer()
