@@ -115,13 +115,18 @@ class BackendResolver:
             if owner != uid and sock is not None and self._namespaceOwner(sock, client.pid) == owner:
                 uid = owner
         account = self.lookups.account(uid)
+        # A process in a user's container has no groups of its own on the
+        # host, and the kernel tells at most 256: then group rules fail closed.
+        allGroups = False
         if uid == client.uid and self._needGroups:
             gids = frozenset({client.gid})
-            if sock is not None:
-                gids |= peerGroups(sock)
+            supplementary = peerGroups(sock) if sock is not None else None
+            if supplementary is not None:
+                gids |= supplementary
+                allGroups = True
         templates, owner = self.templates, uid
         for rule in self.rules:
-            if rule.matches(uid, gids, self.lookups):
+            if rule.matches(uid, gids, self.lookups, allGroups):
                 if rule.deny is not None:
                     raise Denied(Backend("-", uid, account.name), rule.deny)
                 templates = rule.sockets

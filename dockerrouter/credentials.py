@@ -7,6 +7,7 @@ identity and the backend daemon's identity come from C{SO_PEERCRED}.
 
 import socket
 import struct
+from typing import Optional
 
 from attrs import frozen
 
@@ -42,14 +43,14 @@ def peerCredentials(sock: socket.socket) -> Credentials:
     return Credentials(*_UCRED.unpack(raw))
 
 
-def peerGroups(sock: socket.socket) -> frozenset[int]:
+def peerGroups(sock: socket.socket) -> Optional[frozenset[int]]:
     """
     The supplementary groups the kernel recorded for a socket's peer
-    (C{SO_PEERGROUPS}), or none when they can't be read.  Read only on the
-    error path, to judge what the client could see for themselves.
+    (C{SO_PEERGROUPS}), or C{None} when they can't be read (more than 256
+    of them, for one).
     """
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS * _GID.size)
     except OSError:
-        return frozenset()
+        return None
     return frozenset(gid for (gid,) in _GID.iter_unpack(raw))

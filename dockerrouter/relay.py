@@ -338,7 +338,8 @@ class ServerProtocol(Protocol):
         """
         if self.backend.uid != self.client.uid:
             return Viewer(self.backend.uid, frozenset())
-        groups = peerGroups(self.transport.getHandle())
+        # Judged by fewer groups than the client has, if the kernel won't say.
+        groups = peerGroups(self.transport.getHandle()) or frozenset()
         return Viewer(self.client.uid, groups | {self.client.gid})
 
     def _relayEnded(self, failure: Optional[str]) -> None:

@@ -179,9 +179,12 @@ class Rule:
     owner: Optional[Match] = None
     deny: Optional[str] = None
 
-    def matches(self, uid: int, gids: frozenset[int], lookups: Lookups) -> bool:
+    def matches(self, uid: int, gids: frozenset[int], lookups: Lookups, allGroups: bool = True) -> bool:
         """
         Whether the rule is for a client of C{uid} in the groups C{gids}.
+        When C{gids} may not be all of the client's groups (C{allGroups}
+        false), a rule by group fails closed: a denial applies, a route is
+        not granted.
 
         @raise NeedLookup: while a name is looked up.
         """
@@ -193,7 +196,7 @@ class Rule:
         for group in self.groups:
             if (group if isinstance(group, int) else lookups.gid(group)) in gids:
                 return True
-        return False
+        return bool(self.groups) and not allGroups and self.deny is not None
 
 
 class RuleError(ValueError):

@@ -3,9 +3,10 @@ Test doubles for driving the router's protocols without sockets.
 """
 
 import os
+import errno
 import socket
 import stat
-from typing import cast
+from typing import Optional, cast
 
 from twisted.internet.testing import StringTransport
 
@@ -19,7 +20,11 @@ class FakeSocket:
     credentials it was given.
     """
 
-    def __init__(self, credentials: Credentials, groups: tuple[int, ...] = ()) -> None:
+    def __init__(self, credentials: Credentials, groups: Optional[tuple[int, ...]] = ()) -> None:
+        """
+        @param groups: the peer's supplementary groups, or C{None} for a peer
+            in more than the kernel will tell (C{ERANGE}).
+        """
         self.credentials = credentials
         self.groups = groups
         self._sock, self._peer = socket.socketpair()
@@ -36,6 +41,8 @@ class FakeSocket:
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         assert level == socket.SOL_SOCKET
         if option == SO_PEERGROUPS:
+            if self.groups is None:
+                raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
             return b"".join(_GID.pack(gid) for gid in self.groups)
         assert (option, size) == (socket.SO_PEERCRED, _UCRED.size)
         c = self.credentials

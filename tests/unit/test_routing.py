@@ -3,6 +3,7 @@ Rules, the default chain and the user database lookups routing needs.
 """
 
 import threading
+from typing import Optional
 
 from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred
@@ -81,8 +82,10 @@ class RuleTests(SynchronousTestCase):
         """
     )
 
-    def resolve(self, client: Credentials, groups: tuple[int, ...] = (), subordinates=None) -> Route:
-        resolver = BackendResolver(lookups=lookups(), rules=self.example, subordinates=subordinates,
+    def resolve(self, client: Credentials, groups: Optional[tuple[int, ...]] = (), subordinates=None,
+                rules: Optional[tuple[Rule, ...]] = None) -> Route:
+        resolver = BackendResolver(lookups=lookups(), rules=self.example if rules is None else rules,
+                                   subordinates=subordinates,
                                    namespaceOwner=lambda sock, pid: 1000)
         return resolver.resolve(client, asSocket(FakeSocket(client, groups)))
 
@@ -132,6 +135,39 @@ class RuleTests(SynchronousTestCase):
         child = Credentials(pid=6, uid=100998, gid=998)
         route = self.resolve(child, groups=(998,), subordinates=Subordinates())
         self.assertEqual([b.path for b in route.candidates], ["/srv/alice/a.sock", "/srv/1000/b.sock"])
+
+    def test_unknownGroupsFailClosed(self) -> None:
+        """
+        A client whose groups the kernel won't tell (more than 256), or a
+        process in a user's container: a group's denial applies to it, a
+        group's route is not granted.
+        """
+        denyInterns = rules(
+            """
+            [[rule]]
+            group = 4343
+            deny = "Not for interns."
+            [[rule]]
+            user = 1000
+            user-socket = ["/srv/{user}.sock"]
+            """
+        )
+        with self.assertRaises(Denied) as caught:
+            self.resolve(ALICE, groups=None, rules=denyInterns)
+        self.assertEqual(caught.exception.message, "Not for interns.")
+
+        class Subordinates:
+            def owner(self, uid: int) -> int:
+                return 1000
+
+        child = Credentials(pid=6, uid=100998, gid=998)
+        self.assertRaises(Denied, self.resolve, child, subordinates=Subordinates(), rules=denyInterns)
+        # In group 4343 or not, the kernel says so: a known outsider passes.
+        (own,) = self.resolve(ALICE, groups=(50,), rules=denyInterns).candidates
+        self.assertEqual(own.path, "/srv/alice.sock")
+        # The example's docker group routes to root's daemon: not on a guess.
+        chain = self.resolve(ALICE, groups=None).candidates
+        self.assertEqual([b.owner for b in chain], [1000, 1000])
 
     def test_unknownOwner(self) -> None:
         """An owner name the user database does not know routes nowhere."""
