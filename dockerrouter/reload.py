@@ -42,13 +42,17 @@ class ReloadService(Service):
     def stopService(self) -> None:
         super().stopService()
         if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+            # Stopping (draining): a late SIGHUP must neither reload nor, by
+            # its default action, kill the drain.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self._previous = None
 
     def _hangUp(self, number: int, frame: Optional[FrameType]) -> None:
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
+        if not self.running:
+            return  # a SIGHUP that came in as the router began to stop
         self._notifier.reloading()
         done = []
         for reloader in self.reloaders:

@@ -163,10 +163,24 @@ class ReloadTests(NotifyTestCase):
         self.assertTrue(messages[0].startswith("RELOADING=1\nMONOTONIC_USEC="), messages)
         self.assertEqual(messages[1:], ["READY=1\n"])
 
-    def test_stopRestoresTheHandler(self) -> None:
-        before = signal.getsignal(signal.SIGHUP)
-        service = ReloadService(_ThreadQueue(), [], self.systemd())
+    def test_lateHangUpsAreIgnored(self) -> None:
+        """
+        Once stopping (a drain may take seconds), SIGHUP is ignored rather
+        than left to its default action, which would kill the drain; and a
+        reload queued just before the stop does nothing.
+        """
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+        queue = _ThreadQueue()
+        ran: list[int] = []
+
+        def reloader() -> str:
+            ran.append(1)
+            return "x"
+
+        service = ReloadService(queue, [reloader], self.systemd())
         service.startService()
-        self.assertIsNot(signal.getsignal(signal.SIGHUP), before)
+        os.kill(os.getpid(), signal.SIGHUP)
         service.stopService()
-        self.assertIs(signal.getsignal(signal.SIGHUP), before)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        queue.calls[0]()
+        self.assertEqual((ran, self.received()), ([], []))
