@@ -89,7 +89,7 @@ class _StatusPage(Resource):
         return json.dumps(liveStatus(self._factory)).encode("utf-8") + b"\n"
 
 
-def controlSite(factory: "RouterFactory") -> Site:
+def controlSite(factory: "RouterFactory") -> QuietSite:
     root = Resource()
     root.putChild(b"status", _StatusPage(factory))
     return QuietSite(root)

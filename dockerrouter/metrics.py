@@ -66,7 +66,7 @@ class RouterMetrics:
         self.connectTimes = factory.connectTimes = Buckets(CONNECT_BUCKETS)
         self.registry.register(_LiveState(self))
 
-    def site(self) -> Site:
+    def site(self) -> QuietSite:
         """A web site answering C{GET /metrics}."""
         root = Resource()
         root.putChild(b"metrics", _MetricsPage(self.registry))

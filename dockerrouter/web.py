@@ -17,18 +17,60 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.server import Site
+from twisted.internet.interfaces import IAddress
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from dockerrouter.logging import RouterLogger
 
 
+class _WithoutBody(Request):
+    """
+    A request that may carry no body: both sites answer GETs only, and
+    Twisted would spool a body of any size to a temporary file (a metrics
+    socket on 127.0.0.1 is open to every local user).
+    """
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length != 0:  # None: chunked
+            # Stops reading at once; nothing is owed to the client.
+            assert self.channel.transport is not None
+            self.channel.transport.loseConnection()
+            length = 0
+        super().gotLength(length)
+
+
 class QuietSite(Site):
-    """A site that writes no log line per request (a scrape every 15 s)."""
+    """
+    A site that writes no log line per request (a scrape every 15 s), takes
+    no request body, and drops a connection idle for a minute.
+    """
 
     noisy = False
+    requestFactory = _WithoutBody
+    # How many connections a site serves at once: a scraper or two, an
+    # admin's status command.
+    connectionLimit = 64
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, timeout=60)
 
     def log(self, request: http.Request) -> None:
         pass
+
+
+class _AtMost(WrappingFactory):
+    """A site's factory that turns away connections past C{limit}."""
+
+    def __init__(self, site: Site, limit: int) -> None:
+        super().__init__(site)
+        self.limit = limit
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[ProtocolWrapper]:  # type: ignore[override]  # None turns a connection away, as Factory allows
+        if len(self.protocols) >= self.limit:
+            return None  # Twisted closes the connection
+        return super().buildProtocol(addr)
 
 
 class OptionalListener(Service):
@@ -39,7 +81,7 @@ class OptionalListener(Service):
     log = RouterLogger()
     _port: Optional[IListeningPort] = None
 
-    def __init__(self, description: str, reactor: IReactorCore, site: Site, what: str) -> None:
+    def __init__(self, description: str, reactor: IReactorCore, site: QuietSite, what: str) -> None:
         self.description = description
         self._reactor = reactor
         self._site = site
@@ -48,7 +90,8 @@ class OptionalListener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         try:
-            waiting = serverFromString(self._reactor, self.description).listen(self._site)
+            limited = _AtMost(self._site, self._site.connectionLimit)
+            waiting = serverFromString(self._reactor, self.description).listen(limited)
         except Exception:
             waiting = Failure()
         if isinstance(waiting, Failure):
