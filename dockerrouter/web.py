@@ -63,6 +63,8 @@ class QuietSite(Site):
 class _AtMost(WrappingFactory):
     """A site's factory that turns away connections past C{limit}."""
 
+    noisy = False
+
     def __init__(self, site: Site, limit: int) -> None:
         super().__init__(site)
         self.limit = limit

@@ -252,7 +252,7 @@ class StatusTests(IntegrationTestCase):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         router = self.startRouter("tcp:%d:interface=127.0.0.1" % (port,))
-        router.waitLog(r"QuietSite starting on %d" % (port,))
+        router.waitLog(r"starting on %d$" % (port,))
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         connection.request("GET", "/status")
         response = connection.getresponse()
