@@ -169,6 +169,9 @@ class ServerProtocol(Protocol):
             route = self.settings.resolver.resolve(self.client, self.transport.getHandle())
         except NeedLookup as waiting:
             self._wait()
+            # A user database that doesn't answer holds the client no longer
+            # than a daemon that doesn't accept would.
+            waiting.deferred.addTimeout(self.settings.connectTimeout, self.factory.reactor)
             waiting.deferred.addCallbacks(self._route, self._lookupFailed)
             return
         except BackendUnusable as reason:

@@ -128,6 +128,15 @@ class Lookups:
         known = self._known.get((kind, key))
         if known is not None and known[0] > self._clock():
             return known[1]
+        if known is not None and self._inThread is not None:
+            # Expired: answer with it while one lookup refreshes it, so that
+            # a hung user database holds no one it had answered before.
+            if (kind, key) not in self._waiting:
+                self._waiting[(kind, key)] = []
+                self._inThread(function, key).addCallbacks(
+                    self._found, self._failed, callbackArgs=(kind, key), errbackArgs=(kind, key)
+                )
+            return known[1]
         if self._inThread is None:
             return self._remember(function(key), kind, key)
         waiter: Deferred = Deferred()
@@ -153,6 +162,10 @@ class Lookups:
             waiter.callback(None)
 
     def _failed(self, failure: Failure, kind: str, key: Any) -> None:
+        known = self._known.get((kind, key))
+        if known is not None:
+            # A failed refresh: the last answer stands for another while.
+            self._remember(known[1], kind, key)
         for waiter in self._waiting.pop((kind, key)):
             waiter.errback(failure)
 

@@ -525,6 +525,26 @@ class ChainTests(SynchronousTestCase):
         self.pending.pop().callback(None)
         self.assertEqual((self.opened, events, self.factory.relays), ([], [], set()))
 
+    def test_lookupThatNeverAnswers(self) -> None:
+        """
+        A user database that hangs holds the client only as long as a
+        daemon that does not accept would (the connect timeout), then the
+        client is told.
+        """
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(ALICE)
+        server.makeConnection(transport)
+        self.assertEqual(len(self.pending), 1)
+        with capturedLogs():
+            self.reactor.advance(self.factory.settings.connectTimeout)
+        self.flushLoggedErrors()
+        server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
+        self.assertIn(b"could not look up user 1000 (uid 1000) in the user database", transport.value())
+        self.assertEqual(self.factory.results["lookup"], 1)
+        self.pending.pop().callback(None)  # the answer, late: nothing more happens
+        self.assertIsNone(server._splicer)
+
     def test_lookupFails(self) -> None:
         server = self.factory.buildProtocol(None)
         assert isinstance(server, ServerProtocol)

@@ -235,7 +235,8 @@ class LookupTests(SynchronousTestCase):
         """
         An answer not known is fetched by inThread, once however many wait
         for it; each waiter is told when it is known, and then it is
-        remembered (no second fetch) until the ttl passes.
+        remembered (no second fetch) until the ttl passes; then it is still
+        the answer while one fetch refreshes it.
         """
         names = lookups(clock=self.clock.seconds, inThread=self.inThread, ttl=60)
         waiters = []
@@ -254,7 +255,12 @@ class LookupTests(SynchronousTestCase):
         self.assertEqual(names.account(1000).name, "alice")
         self.assertEqual(self.calls, [1000])
         self.clock.advance(1)
-        self.assertRaises(NeedLookup, names.account, 1000)
+        self.assertEqual(names.account(1000).name, "alice")
+        self.assertEqual(names.account(1000).name, "alice")
+        self.assertEqual(self.calls, [1000, 1000])
+        self.pending[1].callback(None)
+        self.clock.advance(59)
+        self.assertEqual(names.account(1000).name, "alice")
         self.assertEqual(self.calls, [1000, 1000])
 
     def test_failurePassedOn(self) -> None:
