@@ -14,15 +14,16 @@ import pwd
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import sys
+import time
 import tomllib
 from typing import Optional, TextIO
 
 from attrs import frozen
 
 from dockerrouter.backends import SETUP_TOOL, findSetupTool, locateSetupTool
+from dockerrouter.credentials import peerCredentials
 from dockerrouter.routing import DEFAULT_CHAIN
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
@@ -136,7 +137,9 @@ def ping(path: str) -> tuple[Optional[int], str]:
             uid = _peerUid(sock)
             sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
             answer = b""
-            while True:
+            # A daemon that trickles or never ends is cut short.
+            deadline = time.monotonic() + PING_TIMEOUT
+            while len(answer) < 65536 and time.monotonic() < deadline:
                 data = sock.recv(4096)
                 if not data:
                     break
@@ -149,24 +152,27 @@ def ping(path: str) -> tuple[Optional[int], str]:
 
 
 def _peerUid(sock: socket.socket) -> int:
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+    return peerCredentials(sock).uid
 
 
 def pingAs(user: pwd.struct_passwd, path: str) -> tuple[Optional[int], str]:
     """L{ping}, with C{user}'s rights: in this process, or a child with their uid."""
     if os.geteuid() == user.pw_uid:
         return ping(path)
-    child = subprocess.run(
-        [sys.executable, "-I", "-m", "dockerrouter.doctor", "ping", path],
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
-        capture_output=True,
-        text=True,
-        timeout=PING_TIMEOUT * 2,
-        env={"PATH": "/usr/bin:/bin"},
-        cwd="/",
-    )
+    try:
+        child = subprocess.run(
+            [sys.executable, "-I", "-m", "dockerrouter.doctor", "ping", path],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            capture_output=True,
+            text=True,
+            timeout=PING_TIMEOUT * 2,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"no answer within {PING_TIMEOUT * 2:g} seconds"
     try:
         uid, said = json.loads(child.stdout)
     except ValueError:
@@ -277,17 +283,33 @@ def checkClientConfig(user: pwd.struct_passwd, environ: Optional[dict]) -> list[
             checks.append(Check(WARN, "DOCKER_CONTEXT", f"{environ['DOCKER_CONTEXT']} bypasses /var/run/docker.sock",
                                 "unset DOCKER_CONTEXT"))
     config = os.path.join(user.pw_dir, ".docker", "config.json")
-    try:
-        with open(config, encoding="utf-8") as f:
-            context = json.load(f).get("currentContext")
-    except (OSError, ValueError, AttributeError):
-        context = None
+    context = _currentContext(config)
     if context not in (None, "", "default"):
-        checks.append(Check(WARN, "docker context", f"{context} (in {config}) bypasses /var/run/docker.sock",
+        checks.append(Check(WARN, "docker context", f"{context!r} (in {config}) bypasses /var/run/docker.sock",
                             "docker context use default"))
     else:
         checks.append(Check(OK, "docker context", "default"))
     return checks
+
+
+def _currentContext(config: str) -> Optional[str]:
+    """
+    The docker CLI's current context in a user's C{config.json}.  Root may
+    be reading another user's file: a regular file only (not a FIFO that
+    would hang, nor a link to a device), and not a large one.
+    """
+    try:
+        fd = os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            context = json.loads(f.read(1 << 20)).get("currentContext")
+        except (ValueError, AttributeError):
+            return None
+    return context if isinstance(context, str) else None
 
 
 def configuredChain(path: str = CONFIG) -> tuple[str, ...]:

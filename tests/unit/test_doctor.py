@@ -1,0 +1,42 @@
+"""
+What doctor reads of a user's files when root checks them for that user.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerrouter.doctor import _currentContext
+
+
+class CurrentContextTests(SynchronousTestCase):
+    def path(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return os.path.join(directory, "config.json")
+
+    def test_regularFile(self) -> None:
+        config = self.path()
+        with open(config, "w") as f:
+            f.write('{"currentContext": "remote"}')
+        self.assertEqual(_currentContext(config), "remote")
+
+    def test_fifoDoesNotHang(self) -> None:
+        """A FIFO in its place (no writer) is not read: it would block."""
+        config = self.path()
+        os.mkfifo(config)
+        self.assertIsNone(_currentContext(config))
+
+    def test_linkNotFollowed(self) -> None:
+        config = self.path()
+        target = config + ".real"
+        with open(target, "w") as f:
+            f.write('{"currentContext": "remote"}')
+        os.symlink(target, config)
+        self.assertIsNone(_currentContext(config))
+
+    def test_notAString(self) -> None:
+        config = self.path()
+        with open(config, "w") as f:
+            f.write('{"currentContext": ["\\u001b[2J"]}')
+        self.assertIsNone(_currentContext(config))
