@@ -108,7 +108,7 @@ class JournalObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.dropped:
-            dropped = {"log_level": LogLevel.warn, "log_format": "journald was busy: {dropped} log entries dropped", "dropped": self.dropped}
+            dropped = {"log_level": LogLevel.warn, "log_format": "{dropped} log entries could not be sent to journald (its queue was full, or an entry too large) and were dropped", "dropped": self.dropped}
             if not self._send(dropped):
                 self.dropped += 1
                 return

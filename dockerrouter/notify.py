@@ -91,7 +91,7 @@ class _Counts(Protocol):
     @property
     def relays(self) -> Sized: ...
 
-    def userCount(self) -> int: ...
+    def usersActive(self) -> int: ...
 
 
 class NotifyService(Service):
@@ -123,7 +123,7 @@ class NotifyService(Service):
     def status(self) -> str:
         return (
             f"{len(self._factory.relays)} connections, "
-            f"{self._factory.userCount()} users"
+            f"{self._factory.usersActive()} users"
         )
 
     def startService(self) -> None:

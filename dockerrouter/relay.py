@@ -449,10 +449,6 @@ class RouterFactory(Factory):
         self.rejections.stop()
         self.budget.stop()
 
-    def userCount(self) -> int:
-        """How many users hold live connections."""
-        return len(self._perUser)
-
     def routerPid(self) -> int:
         """This process's pid, which no backend daemon may have."""
         return self._pid or os.getpid()
@@ -541,6 +537,7 @@ class RouterFactory(Factory):
         return kept
 
     def usersActive(self) -> int:
+        """How many users hold live connections."""
         return len(self._perUser)
 
     def userConnections(self, uid: int) -> int:

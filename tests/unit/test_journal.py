@@ -138,7 +138,7 @@ class JournalTests(SynchronousTestCase):
         entries = self.entries()
         self.assertEqual(
             [(e["MESSAGE"], e["PRIORITY"]) for e in entries],
-            [("journald was busy: 2 log entries dropped", "4"), ("back", "6")],
+            [("2 log entries could not be sent to journald (its queue was full, or an entry too large) and were dropped", "4"), ("back", "6")],
         )
 
     def test_underJournal(self) -> None:

@@ -24,7 +24,7 @@ class _Factory:
         self.relays: set = set()
         self.users = 0
 
-    def userCount(self) -> int:
+    def usersActive(self) -> int:
         return self.users
 
 
