@@ -309,7 +309,8 @@ def test_journalFields(m):
 
 def test_cleanInstall(m):
     """
-    No plugin-cache warning in the service's journal, and
+    No plugin-cache warning in the service's journal, no writable /run
+    beyond the router's own directory, and
     C{systemd-analyze verify} finds nothing to say about the units
     (C{Documentation=} included: it checks that the man page exists).
     """
@@ -318,6 +319,9 @@ def test_cleanInstall(m):
     assert ping(m, "dr-alice").returncode == 0
     out = m.run(f"journalctl _PID={mainPid(m)} --no-pager -o cat").stdout
     assert "starting" in out and "plugin cache" not in out, out
+    # Socket-activated, the service writes nowhere in /run but its own directory.
+    assert show(m, SERVICE, "ReadWritePaths")["ReadWritePaths"] == ""
+    assert show(m, SERVICE, "RuntimeDirectory")["RuntimeDirectory"] == "docker-router"
     verify = m.run("systemd-analyze verify /etc/systemd/system/docker-router.service "
                    "/etc/systemd/system/docker-router.socket", check=False)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
