@@ -239,6 +239,10 @@ class ServerProtocol(Protocol):
             daemon.close()
             self._reject(reason)
             return
+        except OSError as e:
+            daemon.close()
+            self._reject(explainConnectFailure(self.backend, e))
+            return
         self._splicer = Splicer(
             self.factory.reactor,
             self.factory.pipes,

@@ -384,6 +384,8 @@ class Splicer:
         self._release(d)
         if self._closed:
             d.sink.sock.close()
+            if not (self._up.big or self._down.big):
+                self._forget()  # the last kept socket: nothing refers back now
 
     def _release(self, d: _Direction) -> None:
         d.big = False

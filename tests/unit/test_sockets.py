@@ -434,7 +434,8 @@ class BudgetTests(RealSocketTests):
         client.transport.pauseProducing()
         yield pollUntil(lambda: self.router.relays)
         [relay] = self.router.relays
-        clientSide = relay._splicer._client.sock
+        clientEnd = relay._splicer._client
+        clientSide = clientEnd.sock
         yield pollUntil(lambda: relay._splicer._down.count == Burst.size)
         self.backends[0].transport.loseConnection()
         client.transport.loseWriteConnection()
@@ -447,3 +448,6 @@ class BudgetTests(RealSocketTests):
         self.clock.advance(SWEEP_INTERVAL)
         self.clock.advance(SWEEP_INTERVAL)
         self.assertEqual((self.router.budget.used, clientSide.fileno()), (0, -1))
+        # With its last kept socket closed, the relay is cut loose too.
+        self.assertFalse(clientEnd.splicer._running)
+        self.assertIsNot(clientEnd.splicer, relay._splicer)
