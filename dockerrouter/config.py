@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
+from dockerrouter.cli import DEFAULT_CONFIG
 from dockerrouter.backends import (
     Advice,
     BackendResolver,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
         C{_IReactorCommon} (Python has no intersection type).
         """
 
-DEFAULT_PATH = "/etc/docker-router/docker-router.toml"
+DEFAULT_PATH = DEFAULT_CONFIG
 
 # Options that take a restart: what the router listens on, and the in-flight
 # budget live relays hold grants of.

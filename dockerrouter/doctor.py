@@ -23,12 +23,12 @@ from typing import Optional, TextIO
 from attrs import frozen
 
 from dockerrouter.backends import SETUP_TOOL, findSetupTool, locateSetupTool
+from dockerrouter.cli import DEFAULT_CONFIG
 from dockerrouter.credentials import peerCredentials
 from dockerrouter.routing import DEFAULT_CHAIN
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
 LINGER = "/var/lib/systemd/linger"
-CONFIG = "/etc/docker-router/docker-router.toml"
 PING_TIMEOUT = 5.0
 
 OK, WARN, FAIL, NOTE = "ok", "warn", "FAIL", "--"
@@ -134,7 +134,7 @@ def ping(path: str) -> tuple[Optional[int], str]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(PING_TIMEOUT)
             sock.connect(path)
-            uid = _peerUid(sock)
+            uid = peerCredentials(sock).uid
             sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
             answer = b""
             # A daemon that trickles or never ends is cut short.
@@ -149,10 +149,6 @@ def ping(path: str) -> tuple[Optional[int], str]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
     return uid, f"{status} {body.decode('utf-8', 'replace').strip()}".strip()
-
-
-def _peerUid(sock: socket.socket) -> int:
-    return peerCredentials(sock).uid
 
 
 def pingAs(user: pwd.struct_passwd, path: str) -> tuple[Optional[int], str]:
@@ -312,7 +308,7 @@ def _currentContext(config: str) -> Optional[str]:
     return context if isinstance(context, str) else None
 
 
-def configuredChain(path: str = CONFIG) -> tuple[str, ...]:
+def configuredChain(path: str = DEFAULT_CONFIG) -> tuple[str, ...]:
     """The router's C{user-socket} from its configuration file, else the default chain."""
     try:
         with open(path, "rb") as f:
