@@ -17,13 +17,13 @@ C{systemd-nspawn} or C{mmdebstrap} (or not being root) is a failure. As root::
 import os
 from contextlib import contextmanager
 import sys
-import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import readme  # noqa: E402
+from tests.integration import harness  # noqa: E402
 from machine import Machine, missingTools  # noqa: E402
 
 REQUIRED = os.environ.get("DOCKERROUTER_SYSTEM") == "1"
@@ -72,17 +72,10 @@ def machine():
 
 def pollUntil(check, deadline, what):
     """
-    Call C{check} until it returns something true, or fail after C{deadline}
-    seconds.
+    The harnesses' one polling loop, at a pace for commands run in the
+    machine (each a process).
     """
-    end = time.monotonic() + deadline
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline}s: {what}")
-        time.sleep(0.1)
+    return harness.pollUntil(check, deadline, interval=0.1, what=what)
 
 
 def installRouter(m):
