@@ -9,7 +9,7 @@ so that an upgrade that changes one fails a test instead of a host.
 
 import os
 import socket
-from typing import Callable, Optional, cast
+from typing import IO, Any, Callable, Optional, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp, unix
@@ -54,6 +54,21 @@ def replaceListeningSocket(port: tcp.Port, wrap: Callable[[socket.socket], objec
     """
     # The wrapper stands in for the socket: the port calls nothing else on it.
     port.socket = cast(socket.socket, wrap(port.socket))
+
+
+def keepAcceptLogger(port: tcp.Port) -> None:
+    """
+    Give a listening port its own logger, made once: C{Port.doRead} reads
+    C{self._logger} twice for every accept, and each read of a L{Logger}
+    class attribute makes a new Logger.
+
+    Assumes: C{_logger} is a L{Logger} on the port's class, which (having no
+    C{__set__}) an instance attribute of the same name overrides.  A port
+    without one is left alone.
+    """
+    logger = getattr(port, "_logger", None)
+    if logger is not None:
+        port._logger = logger
 
 
 def bindInode(path: str) -> tuple[int, int]:
@@ -200,3 +215,13 @@ def textFileObservers(publisher: LogPublisher) -> list[FileLogObserver]:
         if isinstance(observer, FileLogObserver)
         and getattr(observer.formatEvent, "__qualname__", "") == _TEXT_FORMAT
     ]
+
+
+def wrapOutFile(observer: FileLogObserver, wrap: Callable[[IO[Any]], Any]) -> None:
+    """
+    Have C{observer} write to C{wrap(}the file it writes to C{)}.
+
+    Assumes: a C{FileLogObserver} keeps its file in C{_outFile}, and writes
+    each event to it with C{write}, then C{flush}.
+    """
+    observer._outFile = wrap(observer._outFile)

@@ -7,9 +7,7 @@ identity and the backend daemon's identity come from C{SO_PEERCRED}.
 
 import socket
 import struct
-from typing import Optional
-
-from attrs import frozen
+from typing import NamedTuple, Optional
 
 # struct ucred: pid_t (signed), uid_t and gid_t (unsigned: uids of 2**31 and
 # above exist, and must not come out negative).
@@ -22,12 +20,11 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _MAX_GROUPS = 256
 
 
-@frozen
-class Credentials:
+class Credentials(NamedTuple):
     """
     The process credentials the kernel recorded for a socket's peer: for a
     connecting client, when it called C{connect}; for a listening daemon,
-    when it called C{listen}.
+    when it called C{listen}.  (A tuple: two are made for every connection.)
     """
 
     pid: int

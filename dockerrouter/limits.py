@@ -68,12 +68,18 @@ class _GuardedListener:
         self._sock = sock
         self._backoff = backoff
         self._ceiling = ceiling
+        # What socket.accept reads from the listening socket for every
+        # client, each time through an enum conversion.
+        self._kind = (sock.family, sock.type, sock.proto)
 
     def accept(self) -> tuple[socket.socket, Any]:
         if self._backoff.paused:
             raise BlockingIOError(errno.EAGAIN, "accepting paused")
         try:
-            client, address = self._sock.accept()
+            # socket.accept, less its per-call lookups (the listening socket
+            # is non-blocking, so the accepted one is left as it comes).
+            fd, address = self._sock._accept()  # type: ignore[attr-defined]  # the C method socket.accept wraps
+            client = socket.socket(*self._kind, fileno=fd)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 raise

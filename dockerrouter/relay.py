@@ -15,13 +15,12 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Optional, Set
+from typing import TYPE_CHECKING, Any, Optional, Set, cast
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -44,7 +43,7 @@ from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.errors import ErrorResponder
 from dockerrouter.budget import Budget
-from dockerrouter.logging import CONNECTION_DONE, RejectionLog, RouterLogger, emitFormatted
+from dockerrouter.logging import ConnectionRecords, RejectionLog, RouterLogger
 from dockerrouter.routing import NeedLookup
 from dockerrouter.splice import PipePool, Splicer
 from dockerrouter.visibility import Viewer, look
@@ -409,10 +408,7 @@ class ServerProtocol(Protocol):
             self.factory.release(self)
             return
         duration = self.factory.reactor.seconds() - self.startedAt
-        emitFormatted(
-            self.factory.recordLog,
-            LogLevel.info,
-            CONNECTION_DONE,
+        self.factory.records.add(
             uid=self.client.uid,
             user=self.backend.user,
             pid=self.client.pid,
@@ -449,6 +445,7 @@ class RouterFactory(Factory):
         self._pid = os.getpid()
 
     def stopFactory(self) -> None:
+        self.records.stop()
         self.pipes.close()
         self.rejections.stop()
         self.budget.stop()
@@ -479,8 +476,9 @@ class RouterFactory(Factory):
         self._whenIdle: list[Deferred] = []
         # The protocol's logger, made once (each instance's C{log} is a new
         # Logger): the per-connection record and the refusals go through it.
-        self.recordLog = ServerProtocol.log
+        self.recordLog = cast(RouterLogger, ServerProtocol.log)
         self.rejections = RejectionLog(reactor, self.recordLog)
+        self.records = ConnectionRecords(reactor, self.recordLog)
         # What metrics and status read (at scrape time, not per chunk).
         # How connections were answered: "relayed", or a rejection's cause.
         self.results: dict[str, int] = {"relayed": 0}
@@ -594,6 +592,8 @@ class RouterFactory(Factory):
         def done(_: None) -> tuple[int, int]:
             if timer.active():
                 timer.cancel()
+            # Every record before the summary of the drain.
+            self.records.flush()
             return live - aborted[0], aborted[0]
 
         return idle.addCallback(done)

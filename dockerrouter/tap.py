@@ -27,6 +27,7 @@ from dockerrouter._compat import (
     dropOwnLock,
     forgetExitSignal,
     guardStop,
+    keepAcceptLogger,
     listeningPort,
     lockHolder,
     raiseListenErrors,
@@ -366,6 +367,7 @@ class _ListeningService(StreamServerEndpointService):
         else:
             guardStop(port, bindInode(path), self._leftAlone)
         AcceptBackoff(self._reactor, port)
+        keepAcceptLogger(port)
 
     def _leftAlone(self, path: str) -> None:
         self.log.warn(

@@ -11,7 +11,7 @@ import select
 import shutil
 import socket
 import tempfile
-from typing import cast
+from typing import IO, Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application import app, strports
@@ -23,6 +23,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorSocket, IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.logger import Logger
 from twisted.python import lockfile
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -211,6 +212,27 @@ class PortTests(TestCase):
         return accepted
 
 
+    def test_keepAcceptLogger(self):
+        """
+        A port's logger is made anew on every read, until it is kept; the
+        kept one is a logger of the port, and the port still accepts.
+        """
+        port = self.listen()
+        self.addCleanup(port.stopListening)
+        self.assertIsNot(port._logger, port._logger)
+        _compat.keepAcceptLogger(port)
+        self.assertIs(port._logger, port._logger)
+        self.assertIsInstance(port._logger, Logger)
+        self.assertIs(port._logger.source, port)
+        self.assertIn("_logger", inspect.getsource(tcp.Port.doRead))
+        accepted = Deferred()
+        port.factory.buildProtocol = lambda addr: accepted.callback(None)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(self.path)
+        return accepted
+
+
 class LockTests(TestCase):
     def test_lockIsAPidSymlink(self):
         """C{FilesystemLock} is a symlink to the holder's pid."""
@@ -334,3 +356,29 @@ class TextFileObserverTests(TestCase):
         other.formatEvent = lambda event: "mine\n"
         publisher = LogPublisher(made, other)
         self.assertEqual(_compat.textFileObservers(publisher), [made])
+
+    def test_wrapOutFile(self) -> None:
+        """A file observer writes, and flushes, each event to the file it is given."""
+        import io
+
+        from twisted.logger import textFileLogObserver
+
+        first, second = io.StringIO(), io.StringIO()
+        observer = textFileLogObserver(first)
+        flushed: list[str] = []
+
+        class Wrapped:
+            def __init__(self, file: IO[Any]) -> None:
+                self.file = file
+
+            def write(self, text: str) -> None:
+                second.write(text)
+
+            def flush(self) -> None:
+                flushed.append(second.getvalue())
+
+        _compat.wrapOutFile(observer, Wrapped)
+        Logger(observer=observer).info("hello")
+        self.assertEqual(first.getvalue(), "")
+        self.assertTrue(second.getvalue().endswith("hello\n"))
+        self.assertEqual(flushed, [second.getvalue()])

@@ -7,7 +7,7 @@ import errno
 import os
 import resource
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -264,16 +264,22 @@ class SubordinateIdTests(SynchronousTestCase):
 
 class _FakePort:
     def __init__(self) -> None:
-        self.socket = self
+        self.socket: Any = self  # until the guard takes its place
         self.reading = True
         self.connected = True
         self.failWith: Optional[int] = errno.EMFILE
         self.accepted: list[socket.socket] = []
 
-    def accept(self):
+    # As a listening Unix socket: what the guard reads from it, and the
+    # accept that hands over a descriptor (each queued socket gives its own).
+    family = socket.AF_UNIX
+    type = socket.SOCK_STREAM
+    proto = 0
+
+    def _accept(self):
         if self.failWith is not None:
             raise OSError(self.failWith, os.strerror(self.failWith))
-        return self.accepted.pop(0), "peer"
+        return self.accepted.pop(0).detach(), "peer"
 
     def stopReading(self) -> None:
         self.reading = False
@@ -316,23 +322,29 @@ class AcceptBackoffTests(SynchronousTestCase):
         port = _FakePort()
         port.failWith = None
         low, high = socket.socketpair()
-        self.addCleanup(low.close)
         self.addCleanup(high.close)
+        later = socket.socket(fileno=os.dup(low.fileno()))
         # A descriptor number as high as the kernel gives when nearly full.
         nearlyFull = socket.socket(fileno=os.dup2(high.fileno(), soft - HEADROOM))
-        self.addCleanup(nearlyFull.close)
-        port.accepted = [low, nearlyFull, low]
+        port.accepted = [low, nearlyFull, later]
+        numbers = [sock.fileno() for sock in port.accepted]
         AcceptBackoff(clock, port, interval=0.5)
+
+        def accepted() -> int:
+            client, _ = port.socket.accept()
+            self.addCleanup(client.close)
+            return client.fileno()
+
         with capturedLogs() as events:
-            self.assertIs(port.socket.accept()[0], low)
+            self.assertEqual(accepted(), numbers[0])
             self.assertTrue(port.reading)
-            self.assertIs(port.socket.accept()[0], nearlyFull)
+            self.assertEqual(accepted(), numbers[1])
             self.assertRaises(BlockingIOError, port.socket.accept)
         self.assertFalse(port.reading)
         self.assertEqual([e["error"] for e in events], [f"fewer than {HEADROOM} left"])
         clock.advance(0.5)
         self.assertTrue(port.reading)
-        self.assertIs(port.socket.accept()[0], low)
+        self.assertEqual(accepted(), numbers[2])
 
     def test_otherErrorsPassThrough(self) -> None:
         port = _FakePort()

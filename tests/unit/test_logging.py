@@ -1,9 +1,11 @@
 """
 The refusal log under a flood: the first refusal of a uid for a cause in
-full, then at most one summary line per minute.
+full, then at most one summary line per minute.  The connection records,
+emitted in batches.  The file log's cheaper lines and writes.
 """
 
 import syslog
+import time
 from typing import Sequence
 
 from twisted.internet.task import Clock
@@ -14,6 +16,8 @@ from zope.interface import implementer
 from dockerrouter.logging import (
     CONNECTION_DONE,
     ClassicText,
+    ConnectionRecords,
+    HeldWrites,
     RejectionLog,
     RouterLogger,
     emitFormatted,
@@ -136,6 +140,101 @@ class ClassicTextTests(SynchronousTestCase):
         self.assertIsInstance(fileObserver.formatEvent, ClassicText)
         emitFormatted(RouterLogger(observer=publisher), LogLevel.info, "x={x}", x=1)
         self.assertTrue(out.getvalue().endswith("#info] x=1\n"), out.getvalue())
+
+
+class _Writes(list[str]):
+    """A file that keeps each write, and counts its flushes."""
+
+    flushes = 0
+
+    def write(self, text: str) -> None:
+        self.append(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _record(n: int) -> dict:
+    return dict(
+        uid=1001, user="alice", pid=n, backend="/run/user/1001/docker.sock", duration=0.5,
+        bytesToDocker=n, bytesFromDocker=2 * n, end="closed",
+    )
+
+
+class ConnectionRecordsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events = _Recorder()
+        self.records = ConnectionRecords(self.clock, RouterLogger("dockerrouter.relay.ServerProtocol", observer=self.events))
+
+    def test_batchWithinAnInterval(self) -> None:
+        """
+        Records wait for at most one interval, then go out together, in
+        order, each with the time its connection ended; then no timer is
+        left.
+        """
+        before = time.time()
+        self.records.add(**_record(1))
+        self.clock.advance(ConnectionRecords.interval / 2)
+        self.records.add(**_record(2))
+        self.assertEqual(self.events, [])
+        self.clock.advance(ConnectionRecords.interval / 2)
+        self.assertEqual([e["pid"] for e in self.events], [1, 2])
+        self.assertLessEqual(before, self.events[0]["log_time"])
+        self.assertLessEqual(self.events[0]["log_time"], self.events[1]["log_time"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sameEventsAsEmitFormatted(self) -> None:
+        """A record in a batch is the event L{emitFormatted} makes."""
+        self.records.add(**_record(7))
+        self.records.flush()
+        one = _Recorder()
+        emitFormatted(RouterLogger("dockerrouter.relay.ServerProtocol", observer=one), LogLevel.info, CONNECTION_DONE, **_record(7))
+        [batched], [single] = self.events, one
+        self.assertLess(abs(batched.pop("log_time") - single.pop("log_time")), 1)
+        self.assertEqual(batched.pop("log_logger").namespace, single.pop("log_logger").namespace)
+        self.assertEqual(batched, single)
+        self.assertTrue(batched["text"].startswith("connection done: uid=1001 user=alice pid=7 "))
+
+    def test_stopEmitsAndThenEachAtOnce(self) -> None:
+        self.records.add(**_record(1))
+        self.records.stop()
+        self.assertEqual([e["pid"] for e in self.events], [1])
+        self.records.add(**_record(2))
+        self.assertEqual([e["pid"] for e in self.events], [1, 2])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oneWritePerBatch(self) -> None:
+        """
+        A file log gets a batch in one write; lines outside a batch are
+        written, and flushed, one by one as before.
+        """
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = _Writes()
+        publisher = LogPublisher(textFileLogObserver(out))  # type: ignore[arg-type]  # a file enough for it
+        self.assertEqual(speedUpFileLogs(publisher), 1)
+        self.records = ConnectionRecords(self.clock, RouterLogger(observer=publisher))
+        for n in range(3):
+            self.records.add(**_record(n))
+        self.clock.advance(ConnectionRecords.interval)
+        [batch] = out
+        self.assertEqual([line.split(" pid=")[1][0] for line in batch.splitlines()], ["0", "1", "2"])
+        self.assertEqual(out.flushes, 1)
+        RouterLogger(observer=publisher).info("alone")
+        self.assertTrue(out[1].endswith("alone\n"))
+        self.assertEqual(out.flushes, 2)
+
+    def test_heldWritesOfBytes(self) -> None:
+        """A file of bytes gets its batch joined as bytes."""
+        out = _Writes()
+        held = HeldWrites(out)  # type: ignore[arg-type]  # a file enough for it
+        with HeldWrites.holding():
+            held.write(b"a\n")
+            held.write(b"b\n")
+            held.flush()
+            self.assertEqual(out, [])
+        self.assertEqual(out, [b"a\nb\n"])
 
 
 class RouterLoggerTests(SynchronousTestCase):

@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import stat
+import time
 from typing import Optional
 
 import attrs
@@ -20,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import Backend, BackendResolver, Route
 from dockerrouter.credentials import Credentials
+from dockerrouter.logging import ConnectionRecords
 from dockerrouter import relay
 from dockerrouter.relay import RouterFactory, ServerProtocol
 from dockerrouter.routing import Account, Lookups
@@ -185,16 +187,27 @@ class RelayTests(RelayHarness):
         server, _ = self.connectClient()
         with capturedLogs() as events:
             server.connectionLost(Failure(error.ConnectionLost()))
+            self.reactor.advance(ConnectionRecords.interval)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.factory.relays, set())
         self.assertEqual([e["end"] for e in events], ["client:ConnectionLost"])
 
     def test_oneRecordPerConnection(self) -> None:
+        """
+        A finished connection has one record, emitted within a tenth of a
+        second (with others that ended meanwhile) and carrying the time it
+        ended.
+        """
         server, clientTransport = self.connectClient()
         self.reactor.advance(2.5)
         with capturedLogs() as events:
+            ended = time.time()
             server._relayEnded(None)
+            self.assertEqual(events, [])
+            self.reactor.advance(ConnectionRecords.interval)
         [record] = events
+        self.assertGreaterEqual(record["log_time"], ended)
+        self.assertLess(record["log_time"], ended + 1)
         self.assertEqual(
             {k: record[k] for k in ("uid", "user", "pid", "backend", "end", "duration", "bytesToDocker")},
             {
@@ -215,6 +228,7 @@ class RelayTests(RelayHarness):
         server, _ = self.connectClient()
         with capturedLogs() as events:
             server._relayEnded("docker:ECONNRESET")
+            self.factory.records.flush()
         self.assertEqual([e["end"] for e in events], ["docker:ECONNRESET"])
 
 
@@ -441,6 +455,7 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(self.factory.sockets, {"/run/user/{uid}/podman/podman.sock": 1})
         with capturedLogs() as events:
             server._relayEnded(None)
+            self.factory.records.flush()
         self.assertEqual([e["backend"] for e in events], ["/run/user/1000/podman/podman.sock"])
 
     def test_refusedAndNotASocketPassOn(self) -> None:

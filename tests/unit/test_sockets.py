@@ -256,6 +256,7 @@ class RealSocketTests(TestCase):
             client.transport.loseWriteConnection()
             yield client.lost
             yield pollUntil(lambda: not self.router.relays)
+            self.router.records.flush()
         [record] = [e for e in events if "bytesToDocker" in e]
         self.assertEqual(
             (record["bytesToDocker"], record["bytesFromDocker"], record["end"]),
@@ -280,6 +281,7 @@ class RealSocketTests(TestCase):
             backend.transport.abortConnection()
             yield client.lost
             yield pollUntil(lambda: not self.router.relays)
+            self.router.records.flush()
         [record] = [e for e in events if "bytesToDocker" in e]
         self.assertTrue(record["end"].startswith("docker:"), record["end"])
 

@@ -10,6 +10,7 @@ import sys
 import syslog
 from contextlib import redirect_stdout
 from importlib.metadata import version
+from types import SimpleNamespace
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
@@ -71,7 +72,7 @@ class _ListeningReactor(MemoryReactorClock):
 
     def listenUNIX(self, address, *args, **kwargs):
         port = super().listenUNIX(address, *args, **kwargs)
-        port.socket = object()
+        port.socket = SimpleNamespace(family=socket.AF_UNIX, type=socket.SOCK_STREAM, proto=0)
         port.lockFile = None
         open(address, "w").close()
         return port
