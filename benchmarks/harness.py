@@ -324,6 +324,11 @@ reactor.run()
 '''
 
 
+# How late the router writes a connection's record at most (it batches
+# them: dockerrouter.logging.ConnectionRecords.interval), with a margin.
+RECORDS_LATE = 0.2
+
+
 @dataclass
 class RunningRelay:
     """
@@ -345,12 +350,15 @@ class RunningRelay:
 
     def settle(self, timeout: float = 10.0) -> None:
         """
-        Wait until the relay has no forked children left (socat), so that
-        their CPU has been reaped into the parent's cutime/cstime.
+        Wait until the relay has done what it owes for the run: no forked
+        children left (socat), so that their CPU has been reaped into the
+        parent's cutime/cstime, and the router's last batch of connection
+        records written (see L{RECORDS_LATE}).
         """
         if self.proc is not None:
             pid = self.proc.pid
             waitFor(lambda: not children(pid), timeout, f"{self.name} children to exit", 0.002)
+            time.sleep(RECORDS_LATE)
 
     def stop(self) -> None:
         if self.proc is not None:

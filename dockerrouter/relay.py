@@ -15,7 +15,7 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Optional, Set, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Set, cast
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
@@ -72,6 +72,58 @@ def openSocketFile(path: str) -> tuple[int, os.stat_result]:
     except BaseException:
         os.close(fd)
         raise
+
+
+class SocketFiles:
+    """
+    The socket files backend paths lead to, kept open (C{O_PATH}) for the
+    next connection: while a path still leads to the same file (one
+    C{stat} says so), its descriptor is used again, rather than a look
+    that opens, checks and closes one per connection.  What is connected
+    is still the file the path leads to when the connection is made, and
+    its owner and type are checked anew from that C{stat}.
+
+    At most C{most} are kept (the descriptor reserve of L{limits} has
+    room for them); a path that leads elsewhere, or nowhere, gives its
+    descriptor up.
+    """
+
+    def __init__(self, open: Callable[[str], tuple[int, os.stat_result]], most: int = 16) -> None:
+        """@param open: what opens a path anew (L{openSocketFile})."""
+        self._open = open
+        self._most = most
+        # path -> (descriptor, what it was opened on)
+        self._kept: "OrderedDict[str, tuple[int, os.stat_result]]" = OrderedDict()
+
+    def open(self, path: str) -> tuple[int, os.stat_result]:
+        """
+        A descriptor of what C{path} leads to (this object's: not to be
+        closed), and its C{stat}.
+
+        @raise OSError: as L{openSocketFile}.
+        """
+        kept = self._kept.get(path)
+        if kept is not None:
+            try:
+                now = os.stat(path)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (kept[1].st_dev, kept[1].st_ino):
+                self._kept.move_to_end(path)
+                return kept[0], now
+            self._forget(path)
+        fd, target = self._open(path)
+        self._kept[path] = (fd, target)
+        if len(self._kept) > self._most:
+            self._forget(next(iter(self._kept)))
+        return fd, target
+
+    def _forget(self, path: str) -> None:
+        os.close(self._kept.pop(path)[0])
+
+    def close(self) -> None:
+        while self._kept:
+            self._forget(next(iter(self._kept)))
 
 
 def connectUnix(path: str) -> socket.socket:
@@ -207,7 +259,7 @@ class ServerProtocol(Protocol):
         self._retry = None
         self._target = None
         try:
-            fd, self._target = self.factory.openSocketFile(self.backend.path)
+            fd, self._target = self.factory.socketFiles.open(self.backend.path)
         except OSError as e:
             self._failed(explainConnectFailure(self.backend, e))
             return
@@ -230,8 +282,6 @@ class ServerProtocol(Protocol):
         except OSError as e:
             self._failed(explainConnectFailure(self.backend, e))
             return
-        finally:
-            os.close(fd)
         try:
             verifyDaemon(self.backend, peerCredentials(daemon), self.factory.routerPid())
         except BackendUnusable as reason:
@@ -447,6 +497,7 @@ class RouterFactory(Factory):
     def stopFactory(self) -> None:
         self.records.stop()
         self.pipes.close()
+        self.socketFiles.close()
         self.rejections.stop()
         self.budget.stop()
 
@@ -470,6 +521,8 @@ class RouterFactory(Factory):
         self.reactor = reactor
         self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
         self.pipes = PipePool()
+        # Looks up factory.openSocketFile on each call (tests replace it).
+        self.socketFiles = SocketFiles(lambda path: self.openSocketFile(path))
         self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}

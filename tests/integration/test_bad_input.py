@@ -136,12 +136,16 @@ class BadInputTests(IntegrationTestCase):
 
         # Back to the baseline: every socket of the clients closed.  Idle
         # pipes the pool keeps are not a leak, but at most two relays were
-        # ever busy at once (two pipes each).
+        # ever busy at once (two pipes each); nor is the socket file the
+        # router keeps open for the one backend path these clients used.
         def settled():
             now = self.descriptors()
             pipes = now.pop("pipe", 0)
+            files = now.pop("file", 0)
             others = dict(before)
             if pipes > others.pop("pipe", 0) + 8:
+                return False
+            if files > others.pop("file", 0) + (1 if relayed else 0):
                 return False
             return now == others
 

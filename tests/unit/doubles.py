@@ -92,7 +92,7 @@ class PeerTransport(StringTransport):
 def socketFile(uid: int) -> tuple[int, os.stat_result]:
     """
     What C{RouterFactory.openSocketFile} returns for a socket owned by
-    C{uid}: a real descriptor (of C{/}, which the relay closes) and a
+    C{uid}: a real descriptor (of C{/}, which the relay's SocketFiles closes) and a
     socket's C{stat}.
     """
     fd = os.open("/", os.O_PATH | os.O_CLOEXEC)

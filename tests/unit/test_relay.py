@@ -7,7 +7,9 @@ before anything moves, connect retries, rejection, records and the drain.
 import errno
 import os
 import socket
+import shutil
 import stat
+import tempfile
 import time
 from typing import Optional
 
@@ -571,3 +573,82 @@ class ChainTests(SynchronousTestCase):
         server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
         self.assertIn(b"could not look up user 1000 (uid 1000) in the user database (sssd is down)", transport.value())
         self.assertEqual(self.factory.results["lookup"], 1)
+
+
+class SocketFilesTests(SynchronousTestCase):
+    """
+    A path's socket file is opened once while the path leads to it, and
+    given up as soon as it leads elsewhere or nowhere.
+    """
+
+    def setUp(self) -> None:
+        # Short enough for a socket's path, and absolute for links.
+        self.directory = tempfile.mkdtemp(prefix="socketfiles-")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.opened: list[str] = []
+        self.files = relay.SocketFiles(self.open, most=2)
+        self.addCleanup(self.files.close)
+
+    def open(self, path: str) -> tuple[int, os.stat_result]:
+        self.opened.append(path)
+        return relay.openSocketFile(path)
+
+    def bound(self, name: str) -> str:
+        path = os.path.join(self.directory, name)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        return path
+
+    def isOpen(self, fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    def test_keptWhileThePathLeadsThere(self) -> None:
+        path = self.bound("a.sock")
+        fd, first = self.files.open(path)
+        os.chmod(path, 0o600)
+        again, now = self.files.open(path)
+        self.assertEqual((again, self.opened), (fd, [path]))
+        self.assertEqual(stat.S_IMODE(now.st_mode), 0o600)
+        self.assertEqual(os.fstat(fd).st_ino, first.st_ino)
+
+    def test_givenUpWhenThePathLeadsElsewhere(self) -> None:
+        link = os.path.join(self.directory, "link")
+        os.symlink(self.bound("a.sock"), link)
+        fd, first = self.files.open(link)
+        os.unlink(link)
+        os.symlink(self.bound("b.sock"), link)
+        other, now = self.files.open(link)
+        self.assertEqual(self.opened, [link, link])
+        self.assertNotEqual(now.st_ino, first.st_ino)
+        self.assertEqual(os.fstat(other).st_ino, now.st_ino)
+        if fd != other:
+            self.assertFalse(self.isOpen(fd))
+
+    def test_givenUpWhenThePathLeadsNowhere(self) -> None:
+        path = self.bound("a.sock")
+        fd, _ = self.files.open(path)
+        os.unlink(path)
+        with self.assertRaises(FileNotFoundError):
+            self.files.open(path)
+        self.assertFalse(self.isOpen(fd))
+
+    def test_atMostSoMany(self) -> None:
+        a, b, c = (self.bound(name) for name in ("a.sock", "b.sock", "c.sock"))
+        fdA, _ = self.files.open(a)
+        fdB, _ = self.files.open(b)
+        self.files.open(a)  # used last: b goes first
+        self.files.open(c)
+        self.assertTrue(self.isOpen(fdA))
+        self.assertFalse(self.isOpen(fdB))
+        self.files.open(b)
+        self.assertEqual(self.opened, [a, b, c, b])
+
+    def test_close(self) -> None:
+        fd, _ = self.files.open(self.bound("a.sock"))
+        self.files.close()
+        self.assertFalse(self.isOpen(fd))
