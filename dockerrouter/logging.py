@@ -108,11 +108,11 @@ class ConnectionRecords:
     The one record of each finished connection, emitted in batches: a
     record waits at most C{interval} seconds, then the batch goes out
     together, each record with the time its connection ended.  Under a
-    high connection rate that costs a third of emitting each record as its
-    connection ends: the logging code stays in the CPU's caches, the work
-    that is the same for every record is done once, and a file log gets
-    one write for the batch (see L{HeldWrites}).  A reader of the log still
-    sees each line within a tenth of a second.
+    high connection rate that costs a fraction of emitting each record as
+    its connection ends: the logging code stays in the CPU's caches, the
+    work that is the same for every record is done once, and a file log
+    gets one write for the batch (see L{HeldWrites}).  A reader of the log
+    still sees each line within a tenth of a second.
     """
 
     interval = 0.1
