@@ -9,6 +9,7 @@ so that an upgrade that changes one fails a test instead of a host.
 
 import os
 import socket
+import stat
 from typing import IO, Any, Callable, Optional, cast
 
 from twisted.application.internet import StreamServerEndpointService
@@ -19,6 +20,7 @@ from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, _ISuppor
 from twisted.logger import FileLogObserver, LogPublisher
 from twisted.python import lockfile
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 
 
 def raiseListenErrors(service: StreamServerEndpointService) -> None:
@@ -225,3 +227,27 @@ def wrapOutFile(observer: FileLogObserver, wrap: Callable[[IO[Any]], Any]) -> No
     each event to it with C{write}, then C{flush}.
     """
     observer._outFile = wrap(observer._outFile)
+
+
+def keepDeviceInPlace(file: Any) -> Any:
+    """
+    Make a twistd log file that is not a regular file (C{--logfile=/dev/null},
+    a FIFO) never rotate: a L{LogFile} renames its file away once it has
+    written C{rotateLength} bytes, or on SIGUSR1, which, run as root on
+    /dev/null, leaves the host a regular file where its null device was.
+    Any other file is left as it is.
+
+    Assumes: a L{LogFile} rotates only when C{shouldRotate()} (which reads
+    C{rotateLength}) says so, or when its C{rotate} is called.
+
+    @return: C{file}
+    """
+    if isinstance(file, LogFile):
+        try:
+            regular = stat.S_ISREG(os.stat(file.path).st_mode)
+        except OSError:
+            regular = True
+        if not regular:
+            file.rotateLength = None
+            file.rotate = lambda: None  # type: ignore[method-assign]  # SIGUSR1 calls it
+    return file

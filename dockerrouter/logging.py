@@ -27,7 +27,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-from dockerrouter._compat import textFileObservers, wrapOutFile
+from dockerrouter._compat import keepDeviceInPlace, textFileObservers, wrapOutFile
 
 SYSLOG_PRIORITIES = {
     LogLevel.debug: syslog.LOG_DEBUG,
@@ -299,7 +299,8 @@ def speedUpFileLogs(publisher: LogPublisher = globalLogPublisher) -> int:
     """
     Give the file observers twistd made (C{--logfile}, or standard output
     with C{-n}) a L{ClassicText} formatter, and a file that writes a batch
-    of records at once (L{HeldWrites}).  Syslog and other observers are
+    of records at once (L{HeldWrites}); a log "file" that is a device is
+    never rotated (L{keepDeviceInPlace}).  Syslog and other observers are
     left alone.
 
     @return: how many were changed.
@@ -307,7 +308,7 @@ def speedUpFileLogs(publisher: LogPublisher = globalLogPublisher) -> int:
     observers = textFileObservers(publisher)
     for observer in observers:
         observer.formatEvent = ClassicText()
-        wrapOutFile(observer, HeldWrites)
+        wrapOutFile(observer, lambda file: HeldWrites(keepDeviceInPlace(file)))
     return len(observers)
 
 

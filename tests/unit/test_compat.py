@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorSocket, IReadDescriptor
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python import lockfile
+from twisted.python.logfile import LogFile
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -382,3 +383,33 @@ class TextFileObserverTests(TestCase):
         self.assertEqual(first.getvalue(), "")
         self.assertTrue(second.getvalue().endswith("hello\n"))
         self.assertEqual(flushed, [second.getvalue()])
+
+
+class LogFileTests(TestCase):
+    """twistd's log file renames its file away to rotate it: never a device."""
+
+    def logFile(self, target: str) -> LogFile:
+        directory = tempfile.mkdtemp(prefix="logfile-")
+        self.addCleanup(shutil.rmtree, directory)
+        link = os.path.join(directory, "router.log")
+        os.symlink(target, link)
+        made = LogFile.fromFullPath(link, rotateLength=1000)
+        self.addCleanup(made.close)
+        return made
+
+    def test_deviceNeverRotates(self) -> None:
+        made = _compat.keepDeviceInPlace(self.logFile("/dev/null"))
+        for _ in range(5):
+            made.write("x" * 600)
+        made.rotate()
+        self.assertEqual(os.listdir(made.directory), ["router.log"])
+        self.assertEqual(os.readlink(made.path), "/dev/null")
+
+    def test_regularFileRotates(self) -> None:
+        """Without it, the same writes rotate (the link is renamed away)."""
+        directory = tempfile.mkdtemp(prefix="logfile-")
+        self.addCleanup(shutil.rmtree, directory)
+        made = _compat.keepDeviceInPlace(self.logFile(os.path.join(directory, "real.log")))
+        for _ in range(5):
+            made.write("x" * 600)
+        self.assertIn("router.log.1", os.listdir(made.directory))
