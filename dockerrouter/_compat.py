@@ -65,12 +65,9 @@ def keepAcceptLogger(port: tcp.Port) -> None:
     class attribute makes a new Logger.
 
     Assumes: C{_logger} is a L{Logger} on the port's class, which (having no
-    C{__set__}) an instance attribute of the same name overrides.  A port
-    without one is left alone.
+    C{__set__}) an instance attribute of the same name overrides.
     """
-    logger = getattr(port, "_logger", None)
-    if logger is not None:
-        port._logger = logger
+    port._logger = port._logger
 
 
 def bindInode(path: str) -> tuple[int, int]:

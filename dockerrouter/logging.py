@@ -74,28 +74,28 @@ class RouterLogger(Logger):
             return
         # Logger.emit's event, without its check of the level (the line
         # above has made it), which sorts LogLevel's constants per event.
-        kwargs["log_logger"] = self
-        kwargs["log_level"] = level
-        kwargs["log_namespace"] = self.namespace
-        kwargs["log_source"] = self.source
-        kwargs["log_format"] = format
+        kwargs.update(self._own(level, format))
         kwargs["log_time"] = time.time()
         self.observer(kwargs)
+
+    def _own(self, level: LogLevel, format: Optional[str]) -> dict[str, Any]:
+        """What Logger.emit adds to an event's fields, but its time."""
+        return {
+            "log_logger": self,
+            "log_level": level,
+            "log_namespace": self.namespace,
+            "log_source": self.source,
+            "log_format": format,
+        }
 
     def emitEach(self, level: LogLevel, format: str, events: list[dict]) -> None:
         """
         Emit each of C{events} (the fields of one event, and its C{log_time})
         as L{emitFormatted} does, doing what is the same for all of them once.
         """
-        common = {
-            "syslogPriority": SYSLOG_PRIORITIES[level],
-            "syslogFacility": syslog.LOG_DAEMON,
-            "log_logger": self,
-            "log_level": level,
-            "log_namespace": self.namespace,
-            "log_source": self.source,
-            "log_format": "{text}",
-        }
+        common = self._own(level, "{text}")
+        common["syslogPriority"] = SYSLOG_PRIORITIES[level]
+        common["syslogFacility"] = syslog.LOG_DAEMON
         observer = self.observer
         for fields in events:
             fields["text"] = format.format(**fields)

@@ -92,8 +92,8 @@ class SocketFiles:
         """@param open: what opens a path anew (L{openSocketFile})."""
         self._open = open
         self._most = most
-        # path -> (descriptor, what it was opened on)
-        self._kept: "OrderedDict[str, tuple[int, os.stat_result]]" = OrderedDict()
+        # path -> (descriptor, the device and inode it was opened on)
+        self._kept: "OrderedDict[str, tuple[int, tuple[int, int]]]" = OrderedDict()
 
     def open(self, path: str) -> tuple[int, os.stat_result]:
         """
@@ -108,12 +108,12 @@ class SocketFiles:
                 now = os.stat(path)
             except OSError:
                 now = None
-            if now is not None and (now.st_dev, now.st_ino) == (kept[1].st_dev, kept[1].st_ino):
+            if now is not None and (now.st_dev, now.st_ino) == kept[1]:
                 self._kept.move_to_end(path)
                 return kept[0], now
             self._forget(path)
         fd, target = self._open(path)
-        self._kept[path] = (fd, target)
+        self._kept[path] = (fd, (target.st_dev, target.st_ino))
         if len(self._kept) > self._most:
             self._forget(next(iter(self._kept)))
         return fd, target
@@ -505,21 +505,15 @@ class RouterFactory(Factory):
         """This process's pid, which no backend daemon may have."""
         return self._pid or os.getpid()
 
-    def __init__(
-        self,
-        reactor: Any,
-        resolver: BackendResolver,
-        connectTimeout: float,
-        maxConnections: Optional[int] = None,
-        maxConnectionsPerUser: Optional[int] = None,
-        budget: Optional[Budget] = None,
-    ) -> None:
+    def __init__(self, reactor: Any, settings: Settings, budget: Optional[Budget] = None) -> None:
         """
+        @param settings: what new connections are handled with (a reload
+            replaces them).
         @param budget: the kernel memory relays may hold in flight; by
             default L{Budget}'s defaults.
         """
         self.reactor = reactor
-        self.settings = Settings(resolver, connectTimeout, maxConnections, maxConnectionsPerUser)
+        self.settings = settings
         self.pipes = PipePool()
         # Looks up factory.openSocketFile on each call (tests replace it).
         self.socketFiles = SocketFiles(lambda path: self.openSocketFile(path))

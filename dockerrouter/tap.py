@@ -429,15 +429,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     settings = settingsFor(options)
     factory = RouterFactory(
         reactor,
-        settings.resolver,
-        settings.connectTimeout,
+        settings,
         budget=Budget(
             reactor,
             perUser=options["max-in-flight-per-user"] * MiB,
             total=options["max-in-flight"] * MiB,
         ),
     )
-    factory.settings = settings
     # Always there (its counts outlive a reload); used when settings.start.
     factory.starter = Starter(reactor, answers)
 

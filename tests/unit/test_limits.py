@@ -15,6 +15,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.backends import BackendResolver, SubordinateIds, loginDefsUidMin
+from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
@@ -26,10 +27,12 @@ class CapTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.factory = RouterFactory(
             self.reactor,
-            BackendResolver("/run/user/{uid}/docker.sock", lookupName=str),
-            connectTimeout=5,
-            maxConnections=5,
-            maxConnectionsPerUser=2,
+            Settings(
+                BackendResolver("/run/user/{uid}/docker.sock", lookupName=str),
+                5,
+                maxConnections=5,
+                maxConnectionsPerUser=2,
+            ),
         )
         self.factory.routerPid = lambda: -1
         self.connects: list[str] = []

@@ -17,9 +17,8 @@ from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
 class PerUserTests(SynchronousTestCase):
     def test_mostRecentlyActiveOnly(self) -> None:
         reactor = MemoryReactorClock()
-        factory = RouterFactory(reactor, BackendResolver("/x/{uid}"), connectTimeout=5)
         resolver = BackendResolver("/x/{uid}", lookupName=lambda uid: f"u{uid}")
-        factory.settings = Settings(resolver, 5, usersKept=2)
+        factory = RouterFactory(reactor, Settings(resolver, 5, usersKept=2))
         factory.routerPid = lambda: 1
         metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
         relays = []
@@ -68,7 +67,7 @@ class BucketsTests(SynchronousTestCase):
 class StartsTests(SynchronousTestCase):
     def test_startsByResult(self) -> None:
         """Every result of an on-demand start has a series, zeros included."""
-        factory = RouterFactory(MemoryReactorClock(), BackendResolver("/x/{uid}"), connectTimeout=5)
+        factory = RouterFactory(MemoryReactorClock(), Settings(BackendResolver("/x/{uid}"), 5))
         factory.starter = type("S", (), {"counts": {"started": 3, "timeout": 1}})()
         metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
         samples = {

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from dockerrouter.backends import BackendResolver
 from dockerrouter.budget import SWEEP_INTERVAL, Budget
+from dockerrouter.config import Settings
 from dockerrouter.relay import RouterFactory
 from dockerrouter.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
@@ -145,7 +146,7 @@ class RealSocketTests(TestCase):
         backendPort = IReactorUNIX(reactor).listenUNIX(f"{directory}/{os.getuid()}.sock", backendFactory)
         self.addCleanup(backendPort.stopListening)
         self.router = RouterFactory(
-            reactor, BackendResolver(directory + "/{uid}.sock"), connectTimeout=5, budget=budget
+            reactor, Settings(BackendResolver(directory + "/{uid}.sock"), 5), budget=budget
         )
         # Backend and router share this process; only the uid is checked here.
         self.router.routerPid = lambda: -1

@@ -13,7 +13,7 @@ from importlib.metadata import version
 from types import SimpleNamespace
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import Logger, LogLevel, capturedLogs
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -67,12 +67,13 @@ class OptionsTests(SynchronousTestCase):
 class _ListeningReactor(MemoryReactorClock):
     """
     A MemoryReactor whose ports have the listening socket the router guards,
-    and a file at their path.
+    the logger it keeps, and a file at their path.
     """
 
     def listenUNIX(self, address, *args, **kwargs):
         port = super().listenUNIX(address, *args, **kwargs)
         port.socket = SimpleNamespace(family=socket.AF_UNIX, type=socket.SOCK_STREAM, proto=0)
+        port._logger = Logger()
         port.lockFile = None
         open(address, "w").close()
         return port
