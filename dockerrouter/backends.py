@@ -16,10 +16,12 @@ import stat
 from typing import Callable, ClassVar, Optional, Sequence, Union
 
 from attrs import Factory, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from dockerrouter.credentials import Credentials, peerGroups
 from dockerrouter.namespaces import outermostOwner
-from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, Rule
+from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule
 from dockerrouter.visibility import Found, Missing
 
 SETUP_TOOL = "dockerd-rootless-setuptool.sh"
@@ -201,21 +203,41 @@ class SubordinateIds:
         warn: Callable[[str], None],
         clock: Callable[[], float],
         uidMin: int = 1000,
+        inThread: Optional[Callable[..., Deferred]] = None,
     ) -> None:
+        """
+        @param inThread: runs a call off the reactor thread (the router's):
+            the names in the file are looked up in the user database, which
+            may be LDAP and may hang.  The ranges read last stand while the
+            file is read again; until the first read is done, L{owner}
+            raises L{NeedLookup}.  Without it (tools, tests) the file is
+            read at once.
+        """
         self.path = path
         self.uidMin = uidMin
         self._warn = warn
         self._clock = clock
+        self._inThread = inThread
+        self._reading: Optional[Deferred] = None
+        # Whether the file has been read once; who waits for that.
+        self._read = False
+        self._waiting: list[Deferred] = []
         self._nextCheck = float("-inf")
         self._stamp: Optional[tuple] = None
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, int]] = []
 
     def owner(self, uid: int) -> int:
-        """The uid that owns C{uid}: its range's owner, or C{uid} itself."""
+        """
+        The uid that owns C{uid}: its range's owner, or C{uid} itself.
+
+        @raise NeedLookup: while the file is read for the first time.
+        """
         if uid == 0:
             return uid
         self._refresh()
+        if not self._read and self._reading is not None:
+            raise NeedLookup(self._whenRead())
         i = bisect.bisect_right(self._starts, uid) - 1
         if i >= 0:
             start, count, owner = self._ranges[i]
@@ -223,35 +245,84 @@ class SubordinateIds:
                 return owner
         return uid
 
-    def reload(self) -> str:
-        """Read the file now, changed or not (SIGHUP); say what was read."""
+    def reload(self) -> Union[str, Deferred]:
+        """
+        Read the file now, changed or not (SIGHUP); say what was read (a
+        Deferred of it, when read off the reactor thread).
+        """
+        if self._reading is not None:
+            # Read again once the read in flight is done.
+            return self._whenRead().addCallback(lambda _: self.reload())
         self._nextCheck = float("-inf")
         self._stamp = None
         self._refresh()
+        if self._reading is None:
+            return self._said()
+        return self._whenRead().addCallback(lambda _: self._said())
+
+    def _said(self) -> str:
         return f"{len(self._ranges)} subordinate uid ranges from {self.path}"
+
+    def _whenRead(self) -> Deferred:
+        """Fires when the read in flight is done."""
+        waiter: Deferred = Deferred()
+        self._waiting.append(waiter)
+        return waiter
 
     def _refresh(self) -> None:
         now = self._clock()
-        if now < self._nextCheck:
+        if now < self._nextCheck or self._reading is not None:
             return
         self._nextCheck = now + self.checkInterval
+        if self._inThread is None:
+            self._apply(self._readFile(self._stamp))
+            return
+        self._reading = self._inThread(self._readFile, self._stamp)
+        self._reading.addCallbacks(self._apply, self._failed)
+
+    def _readFile(
+        self, stamp: Optional[tuple]
+    ) -> Optional[tuple[Optional[tuple], list[tuple[int, int, int]], list[str]]]:
+        """
+        The file's stamp, ranges and warnings, or C{None} when it is
+        unchanged since C{stamp}.  (It may ask LDAP: called off the reactor.)
+        """
         try:
             st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            now: Optional[tuple] = (st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
-            stamp = None
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
+            now = None
+        if now == stamp and self._read:
+            return None
         try:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
         except OSError:
             text = ""
-        self._ranges = self._parse(text)
-        self._starts = [start for start, _, _ in self._ranges]
+        warnings: list[str] = []
+        return now, self._parse(text, warnings.append), warnings
 
-    def _parse(self, text: str) -> list[tuple[int, int, int]]:
+    def _apply(self, read: Optional[tuple[Optional[tuple], list[tuple[int, int, int]], list[str]]]) -> None:
+        if read is not None:
+            self._stamp, self._ranges, warnings = read
+            self._starts = [start for start, _, _ in self._ranges]
+            for warning in warnings:
+                self._warn(warning)
+        self._readDone()
+
+    def _failed(self, failure: Failure) -> None:
+        """A read that failed (the user database): the last ranges stand."""
+        self._warn(f"{self.path}: not read ({failure.getErrorMessage()}); the last ranges read stand")
+        self._readDone()
+
+    def _readDone(self) -> None:
+        self._reading = None
+        self._read = True
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def _parse(self, text: str, warn: Callable[[str], None]) -> list[tuple[int, int, int]]:
         ranges: list[tuple[int, int, int, int]] = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -263,7 +334,7 @@ class SubordinateIds:
                     raise ValueError("not a positive range")
                 owner = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
             except (ValueError, KeyError) as e:
-                self._warn(f"{self.path}:{number}: ignored ({e}): {line!r}")
+                warn(f"{self.path}:{number}: ignored ({e}): {line!r}")
                 continue
             ranges.append((start, count, owner, number))
         ignored = {}
@@ -273,7 +344,7 @@ class SubordinateIds:
             if owner < self.uidMin and number not in ignored:
                 ignored[number] = f"owned by uid {owner}, below UID_MIN {self.uidMin}"
         for number, why in sorted(ignored.items()):
-            self._warn(f"{self.path}:{number}: ignored ({why})")
+            warn(f"{self.path}:{number}: ignored ({why})")
         return sorted((s, c, o) for s, c, o, n in ranges if n not in ignored)
 
 
@@ -500,6 +571,23 @@ class ConnectTimeout(BackendUnusable):
         "overloaded"
     )
     advice = "check it with `systemctl --user status docker`"
+
+
+class PathHung(BackendUnusable):
+    """
+    Looking at the path did not end in time: a file system that doesn't
+    answer (a hung NFS server, a FUSE mount that never replies).  The
+    client reads the concealed sentence (walking the path as them would
+    hang as well); the operator's log names the cause.
+    """
+
+    cause = "path-timeout"
+    status = 504
+    template = (
+        "docker-router could not look at {path} for user {user} (uid {uid}) "
+        "within {detail} seconds: a file system on the way does not answer"
+    )
+    advice = "check the file systems the path leads through"
 
 
 class PermissionDenied(BackendUnusable):

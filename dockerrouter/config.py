@@ -133,7 +133,11 @@ def settingsFrom(
     subordinates = None
     if not options["no-subuid"]:
         subordinates = SubordinateIds(
-            options["subuid-file"], warn=warn, clock=reactor.seconds, uidMin=loginDefsUidMin()
+            options["subuid-file"],
+            warn=warn,
+            clock=reactor.seconds,
+            uidMin=loginDefsUidMin(),
+            inThread=_inThreads(reactor),
         )
     return Settings(
         resolver=BackendResolver(

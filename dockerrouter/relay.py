@@ -15,9 +15,10 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional, Set, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Set, Union, cast
 
-from twisted.internet import error
+from attrs import define
+from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -31,6 +32,7 @@ from dockerrouter.backends import (
     ConnectTimeout,
     LookupFailed,
     NoneWorked,
+    PathHung,
     Route,
     TooManyForUser,
     TooManyInTotal,
@@ -46,7 +48,8 @@ from dockerrouter.budget import Budget
 from dockerrouter.logging import ConnectionRecords, RejectionLog, RouterLogger
 from dockerrouter.routing import NeedLookup
 from dockerrouter.splice import PipePool, Splicer
-from dockerrouter.visibility import Viewer, look
+from dockerrouter.visibility import Found, Missing, Viewer, look
+from dockerrouter.workers import RunsJobs, Workers
 
 if TYPE_CHECKING:
     from dockerrouter.metrics import Buckets
@@ -74,58 +77,6 @@ def openSocketFile(path: str) -> tuple[int, os.stat_result]:
         raise
 
 
-class SocketFiles:
-    """
-    The socket files backend paths lead to, kept open (C{O_PATH}) for the
-    next connection: while a path still leads to the same file (one
-    C{stat} says so), its descriptor is used again, rather than a look
-    that opens, checks and closes one per connection.  What is connected
-    is still the file the path leads to when the connection is made, and
-    its owner and type are checked anew from that C{stat}.
-
-    At most C{most} are kept (the descriptor reserve of L{limits} has
-    room for them); a path that leads elsewhere, or nowhere, gives its
-    descriptor up.
-    """
-
-    def __init__(self, open: Callable[[str], tuple[int, os.stat_result]], most: int = 16) -> None:
-        """@param open: what opens a path anew (L{openSocketFile})."""
-        self._open = open
-        self._most = most
-        # path -> (descriptor, the device and inode it was opened on)
-        self._kept: "OrderedDict[str, tuple[int, tuple[int, int]]]" = OrderedDict()
-
-    def open(self, path: str) -> tuple[int, os.stat_result]:
-        """
-        A descriptor of what C{path} leads to (this object's: not to be
-        closed), and its C{stat}.
-
-        @raise OSError: as L{openSocketFile}.
-        """
-        kept = self._kept.get(path)
-        if kept is not None:
-            try:
-                now = os.stat(path)
-            except OSError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino) == kept[1]:
-                self._kept.move_to_end(path)
-                return kept[0], now
-            self._forget(path)
-        fd, target = self._open(path)
-        self._kept[path] = (fd, (target.st_dev, target.st_ino))
-        if len(self._kept) > self._most:
-            self._forget(next(iter(self._kept)))
-        return fd, target
-
-    def _forget(self, path: str) -> None:
-        os.close(self._kept.pop(path)[0])
-
-    def close(self) -> None:
-        while self._kept:
-            self._forget(next(iter(self._kept)))
-
-
 def connectUnix(path: str) -> socket.socket:
     """
     Connect a non-blocking Unix stream socket to C{path}.
@@ -148,22 +99,75 @@ def answers(backend: Backend) -> bool:
     """
     Whether a daemon accepts at C{backend}'s path now, on a socket of the
     uid it must run as (checked first: root knocks on nothing else).  The
-    on-demand starter's question while a daemon is starting.
+    on-demand starter's question while a daemon is starting (in a worker:
+    it looks at a path the user chose).
+    """
+    reached = reach(backend, openSocketFile, connectUnix)
+    if reached.daemon is not None:
+        reached.daemon.close()
+    return reached.full or reached.daemon is not None
+
+
+def anyAnswers(candidates: Sequence[Backend]) -> bool:
+    """Whether a daemon answers at any of C{candidates} (see L{answers})."""
+    return any(answers(candidate) for candidate in candidates)
+
+
+@define
+class Reached:
+    """
+    What one attempt met at a candidate's path (see L{reach}): a connected
+    daemon and its credentials, or a full backlog, or the reason why not.
+
+    @ivar target: the file the path led to, when it could be opened.
+    """
+
+    target: Optional[os.stat_result] = None
+    daemon: Optional[socket.socket] = None
+    credentials: Optional[Credentials] = None
+    full: bool = False
+    reason: Optional[BackendUnusable] = None
+
+    def close(self) -> None:
+        """Let go of a daemon nobody wants any more (the client left)."""
+        if self.daemon is not None:
+            self.daemon.close()
+
+
+def reach(
+    backend: Backend,
+    open: Callable[[str], tuple[int, os.stat_result]],
+    connect: Callable[[str], socket.socket],
+) -> Reached:
+    """
+    The blocking part of one attempt, made in a worker: everything that
+    looks at the path the user chose.  Open what the path leads to
+    (C{open}: L{openSocketFile}), check it, connect through the
+    descriptor (C{connect}: L{connectUnix}), so that what was checked is
+    what is connected, and read the daemon's credentials.  Whether that
+    daemon may be used is the caller's to decide (L{verifyDaemon}).
     """
     try:
-        fd, target = openSocketFile(backend.path)
-    except OSError:
-        return False
+        fd, target = open(backend.path)
+    except OSError as e:
+        return Reached(reason=explainConnectFailure(backend, e))
     try:
         checkSocketFile(backend, target)
-        connectUnix(f"/proc/self/fd/{fd}").close()
+        daemon = connect(f"/proc/self/fd/{fd}")
+    except BackendUnusable as reason:
+        return Reached(target, reason=reason)
     except BlockingIOError:
-        return True  # listening, with a full backlog
-    except (OSError, BackendUnusable):
-        return False
+        return Reached(target, full=True)
+    except OSError as e:
+        return Reached(target, reason=explainConnectFailure(backend, e))
     finally:
         os.close(fd)
-    return True
+    try:
+        credentials = peerCredentials(daemon)
+    except OSError as e:
+        daemon.close()
+        return Reached(target, reason=explainConnectFailure(backend, e))
+    return Reached(target, daemon, credentials)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -200,6 +204,8 @@ class ServerProtocol(Protocol):
     # The on-demand start this connection waits on (once per connection).
     _starting: Optional[Deferred] = None
     _startTried = False
+    # The worker job this connection waits on (a connect, a look).
+    _job: Optional[Deferred] = None
 
     def connectionMade(self) -> None:
         self.startedAt = self.factory.reactor.seconds()
@@ -256,41 +262,52 @@ class ServerProtocol(Protocol):
         self._reject(LookupFailed(self.backend, failure.getErrorMessage()))
 
     def _connect(self) -> None:
+        """
+        Try the candidate: the look at its path runs in a worker (one of
+        the user's few), bounded by the connect timeout, while the client
+        waits paused; the result comes back to L{_reached}.  (Each attempt
+        has the whole timeout: one made just before a full backlog's
+        deadline must not read as a path that hung.)
+        """
         self._retry = None
         self._target = None
-        try:
-            fd, self._target = self.factory.socketFiles.open(self.backend.path)
-        except OSError as e:
-            self._failed(explainConnectFailure(self.backend, e))
-            return
-        try:
-            checkSocketFile(self.backend, self._target)
-            # Through the descriptor: what was checked is what is connected.
-            daemon = self.factory.connectUnix(f"/proc/self/fd/{fd}")
-        except BackendUnusable as reason:
-            self._failed(reason)
-            return
-        except BlockingIOError:
+        self._wait()
+        self._job = self._inWorker(
+            self.settings.connectTimeout,
+            reach,
+            self.backend,
+            self.factory.openSocketFile,
+            self.factory.connectUnix,
+            discard=Reached.close,
+        )
+        self._job.addCallbacks(self._reached, self._notReached)
+
+    def _inWorker(self, timeout: float, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+        """C{function(*args)} as one of this connection's user's worker jobs."""
+        job = self.factory.workers.run(self.backend.uid, function, *args, **kwargs)
+        return job.addTimeout(timeout, self.factory.reactor)
+
+    def _reached(self, reached: Reached) -> None:
+        self._job = None
+        self._target = reached.target
+        if reached.full:
             # The daemon's listen backlog is full: wait for room, as a
             # blocking connect would, up to the connect timeout.
             if self.factory.reactor.seconds() < self._connectBy:
-                self._wait()
                 self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
             else:
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
-        except OSError as e:
-            self._failed(explainConnectFailure(self.backend, e))
+        if reached.reason is not None:
+            self._failed(reached.reason)
             return
+        daemon = reached.daemon
+        assert daemon is not None and reached.credentials is not None
         try:
-            verifyDaemon(self.backend, peerCredentials(daemon), self.factory.routerPid())
+            verifyDaemon(self.backend, reached.credentials, self.factory.routerPid())
         except BackendUnusable as reason:
             daemon.close()
             self._reject(reason)
-            return
-        except OSError as e:
-            daemon.close()
-            self._reject(explainConnectFailure(self.backend, e))
             return
         self._splicer = Splicer(
             self.factory.reactor,
@@ -305,21 +322,38 @@ class ServerProtocol(Protocol):
         self._splicer.start(transport)
         self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom, self.backend.template)
 
+    def _notReached(self, failure: Failure) -> None:
+        self._job = None
+        if self._lost:
+            return  # cancelled when the client left
+        if failure.check(defer.TimeoutError):
+            self._reject(PathHung(self.backend, f"{self.settings.connectTimeout:g}"))
+            return
+        self.log.failure("connecting uid {uid} to {path}", failure, uid=self.client.uid, path=self.backend.path)
+        self._reject(BackendUnusable(self.backend, failure.getErrorMessage()))
+
     def _failed(self, reason: BackendUnusable) -> None:
         """
         The candidate can't be used: try the next one when nothing usable
         was there, else refuse at once (never fall through past a daemon
-        of the wrong uid).
+        of the wrong uid, or a path that hangs).
         """
         assert self.route is not None
         if reason.cause not in _NEXT_CANDIDATE:
             self._reject(reason)
             return
-        candidates = self.route.candidates
-        if len(candidates) == 1:
+        if len(self.route.candidates) == 1:
             self._noneWorked(reason)
             return
-        self._tried.append(self._forTheUser(reason))
+        self._forTheUser(reason).addCallback(self._nextCandidate)
+
+    def _nextCandidate(self, told: BackendUnusable) -> None:
+        """The last candidate failed (C{told}: as the client may read it)."""
+        assert self.route is not None
+        if self._lost:
+            return
+        candidates = self.route.candidates
+        self._tried.append(told)
         if len(self._tried) < len(candidates):
             self.backend = candidates[len(self._tried)]
             self._connect()
@@ -350,7 +384,7 @@ class ServerProtocol(Protocol):
         self._starting = starting = starter.start(
             candidates[0],
             self.settings.startTimeout,
-            lambda: any(answers(candidate) for candidate in candidates),
+            lambda: self.factory.workers.run(candidates[0].uid, anyAnswers, candidates),
         )
         starting.addCallback(self._startDone)
         starting.addErrback(lambda failure: failure.trap(CancelledError))
@@ -366,14 +400,38 @@ class ServerProtocol(Protocol):
         self._connectBy = self.factory.reactor.seconds() + self.settings.connectTimeout
         self._connect()
 
-    def _forTheUser(self, reason: BackendUnusable) -> BackendUnusable:
-        """C{reason} as the client may read it (see L{forTheUser})."""
+    def _forTheUser(self, reason: BackendUnusable) -> "Deferred[BackendUnusable]":
+        """
+        C{reason} as the client may read it (see L{forTheUser}): the path
+        walked as the user, in one of their workers, within the connect
+        timeout; a walk that doesn't end in time tells the client nothing
+        (nor does a path that hung: walking it would hang too).
+        """
         if not reason.aboutThePath:
-            return reason
-        return forTheUser(reason, self._target, look(self.backend.path, self._viewer()))
+            return defer.succeed(reason)
+        target = self._target
+        if isinstance(reason, PathHung):
+            return defer.succeed(forTheUser(reason, target, None))
+        self._job = self._inWorker(self.settings.connectTimeout, look, reason.backend.path, self._viewer())
+
+        def told(sight: Union[Found, Missing, None]) -> BackendUnusable:
+            self._job = None
+            return forTheUser(reason, target, sight)
+
+        def untold(failure: Failure) -> BackendUnusable:
+            if not failure.check(defer.TimeoutError, CancelledError):
+                self.log.failure("looking at {path} as uid {uid}", failure, path=reason.backend.path, uid=self.client.uid)
+            return told(None)
+
+        return self._job.addCallbacks(told, untold)
 
     def _reject(self, reason: BackendUnusable) -> None:
-        reason = self._forTheUser(reason)
+        self._forTheUser(reason).addCallback(self._answer)
+
+    def _answer(self, reason: BackendUnusable) -> None:
+        """Answer the client with C{reason} (as they may read it)."""
+        if self._lost:
+            return
         advice = self.settings.resolver.advice
         self._endAs("rejected:" + reason.cause)
         self.factory.rejected(self, reason.cause)
@@ -424,6 +482,8 @@ class ServerProtocol(Protocol):
             self._retry.cancel()
         if self._starting is not None:
             self._starting.cancel()
+        if self._job is not None:
+            self._job.cancel()
         if self._responder is not None:
             self._responder.connectionLost()
         if not reason.check(error.ConnectionDone):
@@ -497,7 +557,6 @@ class RouterFactory(Factory):
     def stopFactory(self) -> None:
         self.records.stop()
         self.pipes.close()
-        self.socketFiles.close()
         self.rejections.stop()
         self.budget.stop()
 
@@ -505,18 +564,21 @@ class RouterFactory(Factory):
         """This process's pid, which no backend daemon may have."""
         return self._pid or os.getpid()
 
-    def __init__(self, reactor: Any, settings: Settings, budget: Optional[Budget] = None) -> None:
+    def __init__(
+        self, reactor: Any, settings: Settings, budget: Optional[Budget] = None, workers: Optional[RunsJobs] = None
+    ) -> None:
         """
         @param settings: what new connections are handled with (a reload
             replaces them).
         @param budget: the kernel memory relays may hold in flight; by
             default L{Budget}'s defaults.
+        @param workers: the threads that look at users' paths; by default
+            L{Workers}' defaults.
         """
         self.reactor = reactor
         self.settings = settings
         self.pipes = PipePool()
-        # Looks up factory.openSocketFile on each call (tests replace it).
-        self.socketFiles = SocketFiles(lambda path: self.openSocketFile(path))
+        self.workers: RunsJobs = workers if workers is not None else Workers(reactor)
         self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}

@@ -9,15 +9,17 @@ its re-reading and returns a few words for the log line.  Another concern
 
 import signal
 from types import FrameType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 
 from dockerrouter.logging import RouterLogger
 from dockerrouter.notify import Notifier
 
-Reloader = Callable[[], str]
+# Its few words, or a Deferred of them (for what is re-read off the reactor).
+Reloader = Callable[[], Union[str, "Deferred[str]"]]
 
 
 class ReloadService(Service):
@@ -54,11 +56,16 @@ class ReloadService(Service):
         if not self.running:
             return  # a SIGHUP that came in as the router began to stop
         self._notifier.reloading()
-        done = []
-        for reloader in self.reloaders:
-            try:
-                done.append(reloader())
-            except Exception:
-                self.log.failure("reload: {reloader} failed; keeping what it had", reloader=reloader)
-        self.log.info("reloaded on SIGHUP: {done}", done="; ".join(done) or "nothing to reload")
-        self._notifier.send(READY=1)
+
+        def failed(failure: Any, reloader: Reloader) -> None:
+            self.log.failure("reload: {reloader} failed; keeping what it had", failure, reloader=reloader)
+
+        def reloaded(said: list) -> None:
+            done = [words for words in said if words is not None]
+            self.log.info("reloaded on SIGHUP: {done}", done="; ".join(done) or "nothing to reload")
+            self._notifier.send(READY=1)
+
+        # READY=1 once everything is re-read (at once, unless off the reactor).
+        gatherResults(
+            [maybeDeferred(reloader).addErrback(failed, reloader) for reloader in self.reloaders]
+        ).addCallback(reloaded)

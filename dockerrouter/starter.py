@@ -12,7 +12,8 @@ One start is in flight per user (everyone of that user waits on it); after
 a failed one, the user's next connections are answered at once for a
 cool-down; system accounts (below C{UID_MIN}) and users without a home are
 never started.  Nothing here blocks the reactor: C{systemctl} runs as a
-child process, the user database is read in a thread.
+child process, the user database is read in a thread, and whether the
+daemon answers yet is asked in a worker (see L{dockerrouter.workers}).
 """
 
 import os
@@ -135,7 +136,7 @@ def _lastLine(data: bytes) -> str:
 class _Attempt:
     """One start of one user's daemon, and the connections waiting on it."""
 
-    def __init__(self, backend: Backend, began: float, ready: Callable[[], bool]) -> None:
+    def __init__(self, backend: Backend, began: float, ready: Callable[[], "Deferred[bool]"]) -> None:
         self.backend = backend
         self.began = began
         self.ready = ready
@@ -161,7 +162,7 @@ class Starter:
     def __init__(
         self,
         reactor: Any,
-        probe: Callable[[Backend], bool],
+        probe: Callable[[Backend], "Deferred[bool]"],
         run: Optional[Runner] = None,
         home: Optional[Callable[[int], "Deferred[Optional[str]]"]] = None,
         uidMin: Optional[int] = None,
@@ -169,7 +170,8 @@ class Starter:
         units: tuple[str, ...] = UNITS,
     ) -> None:
         """
-        @param probe: whether a daemon of the backend's user answers now.
+        @param probe: whether a daemon of the backend's user answers now
+            (asked off the reactor thread: it looks at the user's path).
         @param run: runs a command (default: a child process).
         @param home: the user's home directory, or C{None} (default: looked
             up in a thread).
@@ -187,7 +189,7 @@ class Starter:
         self._cooling: dict[int, tuple[float, Optional[BackendUnusable]]] = {}
 
     def start(
-        self, backend: Backend, timeout: float, ready: Optional[Callable[[], bool]] = None
+        self, backend: Backend, timeout: float, ready: Optional[Callable[[], "Deferred[bool]"]] = None
     ) -> "Deferred[Optional[BackendUnusable]]":
         """
         Start the daemon of C{backend}'s user, or join the start in flight.
@@ -304,7 +306,11 @@ class Starter:
     def _poll(self, attempt: _Attempt) -> None:
         """A unit may answer a moment after systemctl returns (Type=simple)."""
         attempt.poll = None
-        if attempt.ready():
+        self._step(attempt, attempt.ready(), self._polled)
+
+    def _polled(self, attempt: _Attempt, ready: bool) -> None:
+        attempt.child = None
+        if ready:
             self._finish(attempt, "started", None)
         else:
             attempt.poll = self.reactor.callLater(_POLL, self._poll, attempt)

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import (
     UNIXServerEndpoint,
     serverFromString,
 )
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.python import usage
@@ -437,16 +438,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         ),
     )
     # Always there (its counts outlive a reload); used when settings.start.
-    factory.starter = Starter(reactor, answers)
+    factory.starter = Starter(reactor, lambda backend: factory.workers.run(backend.uid, answers, backend))
 
-    def reloadSubordinates() -> str:
+    def reloadSubordinates() -> "str | Deferred[str]":
         subordinates = factory.settings.subordinates
         return subordinates.reload() if subordinates is not None else "no subordinate uid ranges"
 
     # What SIGHUP re-reads: each returns a few words for its log line.  (New
     # settings from the file read their subordinate uid file afresh.)
     reload = Reloader(options, factory, settingsFor, log)
-    reloaders: list[Callable[[], str]] = [reloadSubordinates, reload]
+    reloaders: list[Callable[[], "str | Deferred[str]"]] = [reloadSubordinates, reload]
     notifier = Notifier()
     top = MultiService()
     FileLogsService().setServiceParent(top)

@@ -6,7 +6,12 @@ know: that C{/root/.bashrc} exists, or that a path in another user's 0700
 directory is a socket.  L{look} walks a path again, as the kernel would for
 the user (search permission on every directory, by the mode bits, for their
 uid, primary gid and supplementary groups), and reports only what that walk
-could reach.  It runs on the error path only.
+could reach.  It runs whenever a reason about a path is to be told to a
+client: on every refusal, and for every missing candidate of a chain
+before the next is tried.  It looks at paths users chose (a hung NFS home,
+a FUSE mount that never answers), so it runs in a worker thread, with a
+deadline (see L{dockerrouter.workers}), and ends after so many links and
+components.
 """
 
 import os
@@ -18,6 +23,11 @@ from attrs import frozen
 
 # Symbolic links followed before giving up, as the kernel's MAXSYMLINKS.
 _MAX_LINKS = 40
+# Components walked in all (links' targets included) before giving up: the
+# kernel's own walk ends at 40 links of at most PATH_MAX (4096) bytes each;
+# this one ends sooner, at about one PATH_MAX of components.
+_MAX_STEPS = 4096
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _procDevice: Optional[int] = None
 
@@ -77,53 +87,76 @@ def look(path: str, viewer: Viewer) -> Union[Found, Missing, None]:
     """
     Walk C{path} as C{viewer}: what they would find there (following
     links), that nothing is there, or C{None} when they could not tell
-    (a directory they can't search, a loop, a file where a directory
-    should be, anything under /proc).
+    (a directory they can't search, a loop, too long a walk, a file where
+    a directory should be, anything under /proc).
+
+    Each step looks from a descriptor of the directory reached, so that a
+    step costs the same however deep the walk is (a path given again from
+    C{/} each time would make a deep tree cost its depth squared).
     """
     # Each component with the link whose target it came from.
     parts: deque = deque((name, None) for name in path.split("/"))
     current = "/"
-    links = 0
+    directory = os.open("/", _DIRECTORY)
+    links = steps = 0
     found: Optional[os.stat_result] = None
-    while parts:
-        name, link = parts.popleft()
-        if name in ("", "."):
-            continue
-        try:
-            directory = os.stat(current)
-        except OSError:
-            return None
-        if not stat.S_ISDIR(directory.st_mode) or not viewer.canSearch(directory):
-            return None
-        if name == "..":
-            current = os.path.dirname(current)
-            found = None
-            continue
-        candidate = os.path.join(current, name)
-        try:
-            st = os.lstat(candidate)
-        except FileNotFoundError:
-            return Missing(candidate, link)
-        except OSError:
-            return None
-        if _onProc(st):
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_LINKS:
+    try:
+        while parts:
+            name, link = parts.popleft()
+            if name in ("", "."):
+                continue
+            steps += 1
+            if steps > _MAX_STEPS:
                 return None
-            target = os.readlink(candidate)
-            followed = (candidate, target)
-            parts.extendleft(reversed([(part, followed) for part in target.split("/")]))
-            if target.startswith("/"):
-                current = "/"
-            found = None
-            continue
-        current = candidate
-        found = st
-    if found is None:
-        try:
-            found = os.stat(current)
-        except OSError:
-            return None
-    return Found(found.st_dev, found.st_ino)
+            here = os.fstat(directory)
+            if not stat.S_ISDIR(here.st_mode) or not viewer.canSearch(here):
+                return None
+            if name == "..":
+                current = os.path.dirname(current)
+                directory = _enter(directory, "..")
+                found = None
+                continue
+            candidate = os.path.join(current, name)
+            try:
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                return Missing(candidate, link)
+            if _onProc(st):
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_LINKS:
+                    return None
+                target = os.readlink(name, dir_fd=directory)
+                followed = (candidate, target)
+                parts.extendleft(reversed([(part, followed) for part in target.split("/")]))
+                if target.startswith("/"):
+                    current = "/"
+                    directory = _enter(directory, "/")
+                found = None
+                continue
+            current = candidate
+            found = st
+            if parts:
+                directory = _enter(directory, name)
+        if found is None:
+            found = os.fstat(directory)
+        return Found(found.st_dev, found.st_ino)
+    except OSError:
+        return None
+    finally:
+        os.close(directory)
+
+
+def _enter(directory: int, name: str) -> int:
+    """
+    A descriptor of C{name} (not followed if a link) in C{directory}, which
+    is closed: the walk holds one descriptor at a time.
+    """
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=directory)
+    except NotADirectoryError:
+        # A file where a directory should be: the next step says so.
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    finally:
+        os.close(directory)

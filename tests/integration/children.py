@@ -785,16 +785,20 @@ class Agent:
             held.pop().close()
         return {"held": len(held)}
 
-    def op_latencyLoop(self, path, data, count, timeout=30):
+    def op_latencyLoop(self, path, data, count, timeout=30, deadline=None):
         """
         C{count} whole exchanges in a row, each on a new connection, timed
-        from before the connect to the answer's EOF.
+        from before the connect to the answer's EOF; fewer when C{deadline}
+        seconds have gone by (a router that stalls).
         """
         payload = _unb64(data)
         times = []
         statuses = {}
         errors = {}
+        stop = None if deadline is None else time.monotonic() + deadline
         for _ in range(count):
+            if stop is not None and time.monotonic() > stop:
+                break
             started = time.perf_counter()
             try:
                 sock = _connect(path, timeout)

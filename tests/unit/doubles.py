@@ -6,8 +6,9 @@ import os
 import errno
 import socket
 import stat
-from typing import Optional, cast
+from typing import Any, Callable, Optional, cast
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import StringTransport
 
 from dockerrouter.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
@@ -97,3 +98,33 @@ def socketFile(uid: int) -> tuple[int, os.stat_result]:
     """
     fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
     return fd, os.stat_result((stat.S_IFSOCK | 0o600, 1, 1, 1, uid, uid, 0, 0, 0, 0))
+
+
+class InlineWorkers:
+    """
+    L{dockerrouter.workers.Workers} that runs each job at once, in the
+    caller's thread: the relay's protocol logic, driven synchronously.
+    With C{held}, jobs wait until the test calls L{finish}.
+    """
+
+    def __init__(self, held: bool = False) -> None:
+        self.held = held
+        self.jobs: list[tuple[Callable[..., Any], tuple, Optional[Callable[[Any], None]], Deferred]] = []
+
+    def run(
+        self, uid: int, function: Callable[..., Any], *args: Any, discard: Optional[Callable[[Any], None]] = None
+    ) -> Deferred:
+        if not self.held:
+            return maybeDeferred(function, *args)
+        d: Deferred = Deferred()
+        self.jobs.append((function, args, discard, d))
+        return d
+
+    def finish(self) -> None:
+        """Run the oldest job held; answer its caller, or discard if gone."""
+        function, args, discard, d = self.jobs.pop(0)
+        result = function(*args)
+        if not d.called:
+            d.callback(result)
+        elif discard is not None:
+            discard(result)

@@ -19,7 +19,7 @@ from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 
 class CapTests(SynchronousTestCase):
@@ -33,6 +33,7 @@ class CapTests(SynchronousTestCase):
                 maxConnections=5,
                 maxConnectionsPerUser=2,
             ),
+            workers=InlineWorkers(),
         )
         self.factory.routerPid = lambda: -1
         self.connects: list[str] = []

@@ -11,14 +11,14 @@ from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials
 from dockerrouter.metrics import Buckets, RouterMetrics
 from dockerrouter.relay import RouterFactory
-from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 
 class PerUserTests(SynchronousTestCase):
     def test_mostRecentlyActiveOnly(self) -> None:
         reactor = MemoryReactorClock()
         resolver = BackendResolver("/x/{uid}", lookupName=lambda uid: f"u{uid}")
-        factory = RouterFactory(reactor, Settings(resolver, 5, usersKept=2))
+        factory = RouterFactory(reactor, Settings(resolver, 5, usersKept=2), workers=InlineWorkers())
         factory.routerPid = lambda: 1
         metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
         relays = []
@@ -67,7 +67,7 @@ class BucketsTests(SynchronousTestCase):
 class StartsTests(SynchronousTestCase):
     def test_startsByResult(self) -> None:
         """Every result of an on-demand start has a series, zeros included."""
-        factory = RouterFactory(MemoryReactorClock(), Settings(BackendResolver("/x/{uid}"), 5))
+        factory = RouterFactory(MemoryReactorClock(), Settings(BackendResolver("/x/{uid}"), 5), workers=InlineWorkers())
         factory.starter = type("S", (), {"counts": {"started": 3, "timeout": 1}})()
         metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
         samples = {

@@ -31,7 +31,7 @@ from dockerrouter.routing import Account, Lookups
 from dockerrouter.visibility import Found, Missing
 from dockerrouter.splice import Splicer
 from dockerrouter.starter import StartTimedOut
-from tests.unit.doubles import FakeSocket, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
 ALICE_DAEMON = Credentials(pid=5000, uid=1000, gid=1000)
@@ -54,6 +54,7 @@ class RelayHarness(SynchronousTestCase):
         self.factory = RouterFactory(
             self.reactor,
             Settings(BackendResolver("/run/user/{uid}/docker.sock", lookupName={1000: "alice"}.__getitem__), 5),
+            workers=InlineWorkers(),
         )
         self.factory.routerPid = lambda: ROUTER_PID
         self.connects: list[str] = []
@@ -341,7 +342,7 @@ class OnDemandStartTests(RelayHarness):
 class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.factory = RouterFactory(self.reactor, Settings(BackendResolver("/x/{uid}"), 5))
+        self.factory = RouterFactory(self.reactor, Settings(BackendResolver("/x/{uid}"), 5), workers=InlineWorkers())
         self.factory.routerPid = lambda: ROUTER_PID
         self.factory.openSocketFile = lambda path: socketFile(1000)
         self.factory.connectUnix = lambda path: asSocket(FakeDaemonSocket(ALICE))
@@ -393,7 +394,7 @@ class ChainTests(SynchronousTestCase):
         self.pending: list[Deferred] = []
         self.lookups = Lookups(self.reactor.seconds, self.inThread, account={1000: Account("alice")}.__getitem__)
         self.factory = RouterFactory(
-            self.reactor, Settings(BackendResolver(self.chain, lookups=self.lookups), 5)
+            self.reactor, Settings(BackendResolver(self.chain, lookups=self.lookups), 5), workers=InlineWorkers()
         )
         self.factory.routerPid = lambda: ROUTER_PID
         self.factory.openSocketFile = self.openSocketFile
@@ -571,84 +572,3 @@ class ChainTests(SynchronousTestCase):
         server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
         self.assertIn(b"could not look up user 1000 (uid 1000) in the user database (sssd is down)", transport.value())
         self.assertEqual(self.factory.results["lookup"], 1)
-
-
-class SocketFilesTests(SynchronousTestCase):
-    """
-    A path's socket file is opened once while the path leads to it, and
-    given up as soon as it leads elsewhere or nowhere.
-    """
-
-    def setUp(self) -> None:
-        # Short enough for a socket's path, and absolute for links.
-        self.directory = tempfile.mkdtemp(prefix="socketfiles-")
-        self.addCleanup(shutil.rmtree, self.directory)
-        self.opened: list[str] = []
-        self.files = relay.SocketFiles(self.open, most=2)
-        self.addCleanup(self.files.close)
-
-    def open(self, path: str) -> tuple[int, os.stat_result]:
-        self.opened.append(path)
-        return relay.openSocketFile(path)
-
-    def bound(self, name: str) -> str:
-        path = os.path.join(self.directory, name)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(path)
-        return path
-
-    def isOpen(self, fd: int) -> bool:
-        try:
-            os.fstat(fd)
-        except OSError:
-            return False
-        return True
-
-    def test_keptWhileThePathLeadsThere(self) -> None:
-        path = self.bound("a.sock")
-        fd, first = self.files.open(path)
-        os.chmod(path, 0o600)
-        again, now = self.files.open(path)
-        self.assertEqual((again, self.opened), (fd, [path]))
-        self.assertEqual(stat.S_IMODE(now.st_mode), 0o600)
-        self.assertEqual(os.fstat(fd).st_ino, first.st_ino)
-
-    def test_givenUpWhenThePathLeadsElsewhere(self) -> None:
-        """The file it led to is closed, and the one it leads to now kept."""
-        link = os.path.join(self.directory, "link")
-        os.symlink(self.bound("a.sock"), link)
-        _, first = self.files.open(link)
-        descriptors = len(os.listdir("/proc/self/fd"))
-        os.unlink(link)
-        os.symlink(self.bound("b.sock"), link)
-        other, now = self.files.open(link)
-        self.assertEqual(self.opened, [link, link])
-        self.assertNotEqual(now.st_ino, first.st_ino)
-        self.assertEqual(os.fstat(other).st_ino, now.st_ino)
-        # b.sock's listener is one more; the descriptor of a.sock is gone.
-        self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors + 1)
-
-    def test_givenUpWhenThePathLeadsNowhere(self) -> None:
-        path = self.bound("a.sock")
-        fd, _ = self.files.open(path)
-        os.unlink(path)
-        with self.assertRaises(FileNotFoundError):
-            self.files.open(path)
-        self.assertFalse(self.isOpen(fd))
-
-    def test_atMostSoMany(self) -> None:
-        a, b, c = (self.bound(name) for name in ("a.sock", "b.sock", "c.sock"))
-        fdA, _ = self.files.open(a)
-        fdB, _ = self.files.open(b)
-        self.files.open(a)  # used last: b goes first
-        self.files.open(c)
-        self.assertTrue(self.isOpen(fdA))
-        self.assertFalse(self.isOpen(fdB))
-        self.files.open(b)
-        self.assertEqual(self.opened, [a, b, c, b])
-
-    def test_close(self) -> None:
-        fd, _ = self.files.open(self.bound("a.sock"))
-        self.files.close()
-        self.assertFalse(self.isOpen(fd))

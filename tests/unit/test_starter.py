@@ -50,7 +50,7 @@ class StarterTests(SynchronousTestCase):
         self.homes = {1001: "/home/alice", 1002: "/home/bob"}
         self.starter = Starter(
             self.clock,
-            probe=lambda backend: backend.uid in self.up,
+            probe=lambda backend: defer.succeed(backend.uid in self.up),
             run=self.runner,
             home=lambda uid: defer.succeed(self.homes.get(uid)),
             uidMin=1000,
@@ -92,7 +92,7 @@ class StarterTests(SynchronousTestCase):
         """For a chain, the caller says what answering means."""
         fired: list = []
         podman: list[bool] = []
-        self.starter.start(ALICE, 30.0, ready=lambda: bool(podman)).addCallback(fired.append)
+        self.starter.start(ALICE, 30.0, ready=lambda: defer.succeed(bool(podman))).addCallback(fired.append)
         self.startAll()
         self.clock.advance(0.1)
         self.assertEqual(fired, [])
