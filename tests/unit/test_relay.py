@@ -235,6 +235,64 @@ class RelayTests(RelayHarness):
         self.assertEqual([e["end"] for e in events], ["docker:ECONNRESET"])
 
 
+class WorkerTests(RelayHarness):
+    """
+    The look at the user's path runs in a worker (held here until the test
+    lets it finish): the client waits paused, a path that doesn't answer
+    is answered at the connect timeout, and a late result is let go.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.workers = self.factory.workers = InlineWorkers(held=True)
+
+    def test_pausedWhileTheConnectRuns(self) -> None:
+        server, clientTransport = self.connectClient()
+        self.assertEqual(clientTransport.producerState, "paused")
+        self.assertIsNone(server._splicer)
+        self.assertEqual(self.connects, [])
+        self.workers.finish()
+        self.assertEqual(self.connects, ["/run/user/1000/docker.sock"])
+        self.assertIsInstance(server._splicer, Splicer)
+
+    def test_clientGoneBeforeTheResult(self) -> None:
+        """The daemon connected for a client that left is closed."""
+        server, _ = self.connectClient()
+        server.connectionLost(Failure(error.ConnectionLost()))
+        self.workers.finish()
+        self.assertTrue(self.daemons[0].closed)
+        self.assertIsNone(server._splicer)
+        self.assertEqual(self.factory.relays, set())
+
+    def test_pathThatHangs(self) -> None:
+        """
+        Past the connect timeout the client reads the concealed sentence
+        (never a look at the path, which would hang as well) and the log
+        the cause; the late daemon is closed.
+        """
+        server, clientTransport = self.connectClient()
+        self.reactor.advance(5)
+        self.assertEqual(len(self.workers.jobs), 1)
+        self.assertEqual(clientTransport.producerState, "producing")
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"502 Bad Gateway", clientTransport.value())
+        self.assertIn(b"does not lead to a Docker daemon socket of this user", clientTransport.value())
+        self.assertEqual(self.factory.results["path-timeout"], 1)
+        self.workers.finish()
+        self.assertTrue(self.daemons[0].closed)
+
+    def test_lookThatHangs(self) -> None:
+        """A walk as the user that doesn't end in time tells the client nothing."""
+        self.connectError = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+        server, clientTransport = self.connectClient()
+        self.workers.finish()  # the connect: refused; now the look
+        self.assertEqual(len(self.workers.jobs), 1)
+        self.reactor.advance(5)
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"does not lead to a Docker daemon socket of this user", clientTransport.value())
+        self.assertEqual(self.factory.results["refused"], 1)
+
+
 class FakeStarter:
     """What the relay asks for a start: each request, and its Deferred."""
 

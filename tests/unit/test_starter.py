@@ -162,6 +162,28 @@ class StarterTests(SynchronousTestCase):
         self.assertEqual(self.starter.counts["timeout"], 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_probeThatHangs(self) -> None:
+        """
+        The probe looks at the user's path off the reactor: while one is
+        unanswered no other is asked, and the start's timeout gives it up.
+        """
+        probes: list[Deferred] = []
+        fired: list = []
+
+        def ready() -> Deferred:
+            probes.append(Deferred())
+            return probes[-1]
+
+        self.starter.start(ALICE, 5.0, ready=ready).addCallback(fired.append)
+        self.startAll()
+        self.clock.pump([0.1] * 10)
+        self.assertEqual(len(probes), 1)
+        self.assertEqual(fired, [])
+        self.clock.advance(5.0)
+        self.assertIsInstance(fired[0], StartTimedOut)
+        self.assertTrue(probes[0].called)  # cancelled
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_timeoutWhileNothingAnswers(self) -> None:
         fired = self.start(timeout=2.0)
         self.runner.answer()

@@ -4,6 +4,7 @@ What a user could see of a path, judged by the mode bits along it.
 
 import os
 import shutil
+import subprocess
 import tempfile
 import unittest
 
@@ -100,3 +101,25 @@ class LookTests(SynchronousTestCase):
         /proc's links lead into other namespaces: nothing there is judged.
         """
         self.assertIsNone(look(self.link(f"/proc/{os.getpid()}/root/etc"), Viewer(0, frozenset())))
+
+    def test_linksThroughADeepTreeEndAtTheBound(self) -> None:
+        """
+        Three links, each through a 1,500-level tree: more components in all
+        than the walk takes (4,096), so it can't tell, though the kernel
+        would find the file.
+        """
+        fd = os.open(self.home, os.O_PATH)
+        for _ in range(1500):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_PATH, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        deep = self.home + "/a" * 1500
+        os.symlink(deep + "/l2", "l1", dir_fd=fd)
+        os.symlink(deep + "/l3", "l2", dir_fd=fd)
+        os.close(os.open("end", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        os.symlink(deep + "/end", "l3", dir_fd=fd)
+        os.close(fd)
+        self.addCleanup(subprocess.call, ["rm", "-rf", os.path.join(self.home, "a")])
+        self.assertTrue(os.path.exists(deep + "/l1"))
+        self.assertIsNone(look(deep + "/l1", USER))
