@@ -7,8 +7,9 @@ import errno
 import os
 import resource
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
@@ -19,6 +20,7 @@ from dockerrouter.config import Settings
 from dockerrouter.credentials import Credentials
 from dockerrouter.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay import RouterFactory
+from dockerrouter.routing import NeedLookup
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 
@@ -124,6 +126,40 @@ class SubordinateIdTests(SynchronousTestCase):
         self.assertEqual(self.ids.owner(99999), 99999)
         self.assertEqual(self.ids.owner(1000), 1000)
         self.assertEqual(self.warnings, [])
+
+    def test_readOffTheReactor(self) -> None:
+        """
+        With a thread to read in (names in the file are looked up in the
+        user database), the first read is waited for (NeedLookup); later
+        ones leave the last ranges standing until they are done, and their
+        warnings come on the reactor thread.
+        """
+        reads: list[tuple[Deferred, Callable[..., Any], tuple]] = []
+
+        def inThread(function: Callable[..., Any], *args: Any) -> Deferred:
+            d: Deferred = Deferred()
+            reads.append((d, function, args))
+            return d
+
+        def finish() -> None:
+            d, function, args = reads.pop(0)
+            d.callback(function(*args))
+
+        ids = SubordinateIds(self.path, self.warnings.append, self.clock.seconds, inThread=inThread)
+        self.write("1000:100000:65536\n")
+        with self.assertRaises(NeedLookup) as waiting:
+            ids.owner(100000)
+        fired: list = []
+        waiting.exception.deferred.addCallback(fired.append)
+        finish()
+        self.assertEqual((fired, ids.owner(100000)), ([None], 1000))
+        self.write("0:100000:65536\n")
+        self.clock.advance(ids.checkInterval)
+        self.assertEqual(ids.owner(100000), 1000)  # being read again
+        self.assertEqual((len(reads), self.warnings), (1, []))
+        finish()
+        self.assertEqual(ids.owner(100000), 100000)
+        self.assertEqual(len(self.warnings), 1)
 
     def test_brokenAndOverlapping(self) -> None:
         self.write(
