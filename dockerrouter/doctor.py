@@ -22,10 +22,10 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.backends import SETUP_TOOL, findSetupTool, locateSetupTool
+from dockerrouter.routing.backends import SETUP_TOOL, findSetupTool, locateSetupTool
 from dockerrouter.cli import DEFAULT_CONFIG
-from dockerrouter.credentials import peerCredentials
-from dockerrouter.routing import DEFAULT_CHAIN
+from dockerrouter.routing.credentials import peerCredentials
+from dockerrouter.routing.rules import DEFAULT_CHAIN
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
 LINGER = "/var/lib/systemd/linger"

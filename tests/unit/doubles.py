@@ -10,7 +10,7 @@ from typing import Optional, cast
 
 from twisted.internet.testing import StringTransport
 
-from dockerrouter.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
+from dockerrouter.routing.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
 
 
 class FakeSocket:

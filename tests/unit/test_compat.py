@@ -1,5 +1,5 @@
 """
-The assumptions L{dockerrouter._compat} makes about Twisted's insides, each
+The assumptions L{dockerrouter.base._compat} makes about Twisted's insides, each
 checked against the installed Twisted: an upgrade that changes one fails
 here, loudly, rather than on a host.
 """
@@ -29,7 +29,7 @@ from twisted.python.logfile import LogFile
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from dockerrouter import _compat
+from dockerrouter.base import _compat
 
 
 def connectNonBlocking(path: str) -> socket.socket:

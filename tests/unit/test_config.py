@@ -11,9 +11,9 @@ from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter import config
-from dockerrouter.reload import ReloadService
-from dockerrouter.tap import Options, makeService
+from dockerrouter.service import config
+from dockerrouter.service.reload import ReloadService
+from dockerrouter.service.tap import Options, makeService
 
 
 class FileTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.credentials import Credentials, peerCredentials
+from dockerrouter.routing.credentials import Credentials, peerCredentials
 
 
 class PeerCredentialsTests(SynchronousTestCase):

@@ -13,8 +13,8 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python import log as legacyLog
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter import journal
-from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
+from dockerrouter.service import journal
+from dockerrouter.base.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
 
 
 def decode(data: bytes) -> dict[str, str]:

@@ -12,11 +12,11 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dockerrouter import config
-from dockerrouter.backends import Backend, BackendResolver, Denied, NoRoute, Route
-from dockerrouter.credentials import Credentials
-from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
-from dockerrouter.tap import Options
+from dockerrouter.service import config
+from dockerrouter.routing.backends import Backend, BackendResolver, Denied, NoRoute, Route
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.routing.rules import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
+from dockerrouter.service.tap import Options
 from tests.unit.doubles import FakeSocket, asSocket
 
 ALICE = Credentials(pid=5, uid=1000, gid=1000)

@@ -18,8 +18,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter import __version__
-from dockerrouter.logging import RouterLogger
-from dockerrouter.tap import DEFAULT_BACKLOG, CannotListen, Options, makeService, withBacklog
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.service.tap import DEFAULT_BACKLOG, CannotListen, Options, makeService, withBacklog
 
 
 def parse(*argv: str) -> Options:
@@ -242,7 +242,7 @@ class AdviceOptionTests(SynchronousTestCase):
         Issue 8.7: C{--advice} reaches every message's advice, and the setup
         tool is looked for once, at start.
         """
-        from dockerrouter import config
+        from dockerrouter.service import config
 
         looked: list[int] = []
 

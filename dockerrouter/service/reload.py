@@ -2,7 +2,7 @@
 SIGHUP: re-read what can be re-read, without touching a live relay.
 
 Each thing that can be reloaded is a callable in the list the service is
-given (L{makeService<dockerrouter.tap.makeService>} builds it), which does
+given (L{makeService<dockerrouter.service.tap.makeService>} builds it), which does
 its re-reading and returns a few words for the log line.  Another concern
 (a configuration file) adds its own callable to the list.
 """
@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFromThreads
 
-from dockerrouter.logging import RouterLogger
-from dockerrouter.notify import Notifier
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.service.notify import Notifier
 
 Reloader = Callable[[], str]
 

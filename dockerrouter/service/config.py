@@ -21,18 +21,18 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dockerrouter.cli import DEFAULT_CONFIG
-from dockerrouter.backends import (
+from dockerrouter.routing.backends import (
     Advice,
     BackendResolver,
     SubordinateIds,
     findSetupTool,
     loginDefsUidMin,
 )
-from dockerrouter.limits import connectionsFor
-from dockerrouter.routing import DEFAULT_CHAIN, Lookups, RuleError, parseRules
+from dockerrouter.relay.limits import connectionsFor
+from dockerrouter.routing.rules import DEFAULT_CHAIN, Lookups, RuleError, parseRules
 
 if TYPE_CHECKING:
-    from dockerrouter.relay import RouterFactory
+    from dockerrouter.relay.protocol import RouterFactory
 
     class _ThreadedClock(IReactorTime, IReactorThreads):
         """

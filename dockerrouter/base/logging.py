@@ -27,7 +27,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-from dockerrouter._compat import keepDeviceInPlace, textFileObservers, wrapOutFile
+from dockerrouter.base._compat import keepDeviceInPlace, textFileObservers, wrapOutFile
 
 SYSLOG_PRIORITIES = {
     LogLevel.debug: syslog.LOG_DEBUG,

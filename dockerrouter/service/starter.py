@@ -26,8 +26,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from dockerrouter.backends import Backend, BackendUnusable, loginDefsUidMin
-from dockerrouter.logging import RouterLogger
+from dockerrouter.routing.backends import Backend, BackendUnusable, loginDefsUidMin
+from dockerrouter.base.logging import RouterLogger
 
 # The user units that serve a Docker API socket, started when enabled.
 UNITS = ("docker.service", "podman.socket")

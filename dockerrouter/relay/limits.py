@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-from dockerrouter._compat import replaceListeningSocket
-from dockerrouter.logging import RouterLogger
+from dockerrouter.base._compat import replaceListeningSocket
+from dockerrouter.base.logging import RouterLogger
 
 # Descriptors kept back from the connection cap: the listening sockets, the
 # reactor, logging, the idle pipe pool and a backend connect in progress.

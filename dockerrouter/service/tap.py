@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.python import usage
 
 from dockerrouter import __version__
-from dockerrouter._compat import (
+from dockerrouter.base._compat import (
     bindInode,
     dropOwnLock,
     forgetExitSignal,
@@ -32,18 +32,18 @@ from dockerrouter._compat import (
     lockHolder,
     raiseListenErrors,
 )
-from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
-from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
-from dockerrouter.config import FileOptions, Reloader, Settings, checkTemplate, settingsFrom
-from dockerrouter.control import DEFAULT_CONTROL, controlSite
-from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
-from dockerrouter.logging import FileLogsService, RouterLogger
-from dockerrouter.metrics import RouterMetrics
-from dockerrouter.notify import Notifier, NotifyService
-from dockerrouter.relay import RouterFactory, answers
-from dockerrouter.reload import ReloadService
-from dockerrouter.starter import Starter
-from dockerrouter.web import OptionalListener
+from dockerrouter.relay.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
+from dockerrouter.service.config import DEFAULT_PATH as DEFAULT_CONFIG
+from dockerrouter.service.config import FileOptions, Reloader, Settings, checkTemplate, settingsFrom
+from dockerrouter.service.control import DEFAULT_CONTROL, controlSite
+from dockerrouter.relay.limits import AcceptBackoff, raiseDescriptorLimit
+from dockerrouter.base.logging import FileLogsService, RouterLogger
+from dockerrouter.service.metrics import RouterMetrics
+from dockerrouter.service.notify import Notifier, NotifyService
+from dockerrouter.relay.protocol import RouterFactory, answers
+from dockerrouter.service.reload import ReloadService
+from dockerrouter.service.starter import Starter
+from dockerrouter.service.web import OptionalListener
 
 DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
 
@@ -249,6 +249,10 @@ class CannotListen(Exception):
     found out before twistd forks (a bad endpoint, another router holding
     the path) is raised from L{makeService}, and prints one line either way.
     """
+
+    # twistd (daemonized) shows 100 bytes of "module.Class: message": the
+    # package name leaves the reason the room it had before tap.py moved.
+    __module__ = "dockerrouter"
 
 
 def _refuse(description: str, reason: str) -> CannotListen:

@@ -24,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter.backends import (
+from dockerrouter.routing.backends import (
     Backend,
     BackendResolver,
     BackendUnusable,
@@ -39,17 +39,17 @@ from dockerrouter.backends import (
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.config import Settings
-from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
-from dockerrouter.errors import ErrorResponder
-from dockerrouter.budget import Budget
-from dockerrouter.logging import ConnectionRecords, RejectionLog, RouterLogger
-from dockerrouter.routing import NeedLookup
-from dockerrouter.splice import PipePool, Splicer
-from dockerrouter.visibility import Viewer, look
+from dockerrouter.service.config import Settings
+from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
+from dockerrouter.relay.errors import ErrorResponder
+from dockerrouter.relay.budget import Budget
+from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
+from dockerrouter.routing.rules import NeedLookup
+from dockerrouter.relay.splice import PipePool, Splicer
+from dockerrouter.routing.visibility import Viewer, look
 
 if TYPE_CHECKING:
-    from dockerrouter.metrics import Buckets
+    from dockerrouter.service.metrics import Buckets
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05

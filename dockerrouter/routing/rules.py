@@ -5,7 +5,7 @@ the configuration file, and the user database answers that routing needs
 reactor thread.
 
 A rule can only say I{where} to look and I{who} the daemon there must be;
-whether the daemon reached is that one is L{dockerrouter.backends}' check,
+whether the daemon reached is that one is L{dockerrouter.routing.backends}' check,
 made on the daemon actually connected.
 """
 

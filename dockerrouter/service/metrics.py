@@ -24,12 +24,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dockerrouter import __version__
-from dockerrouter.backends import BackendUnusable
-from dockerrouter.starter import RESULTS as START_RESULTS
-from dockerrouter.web import QuietSite
+from dockerrouter.routing.backends import BackendUnusable
+from dockerrouter.service.starter import RESULTS as START_RESULTS
+from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay import RouterFactory
+    from dockerrouter.relay.protocol import RouterFactory
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.
