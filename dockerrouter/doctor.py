@@ -23,9 +23,8 @@ from typing import Optional, TextIO
 from attrs import frozen
 
 from dockerrouter.routing.backends import SETUP_TOOL, findSetupTool, locateSetupTool
-from dockerrouter.cli import DEFAULT_CONFIG
 from dockerrouter.routing.credentials import peerCredentials
-from dockerrouter.routing.rules import DEFAULT_CHAIN
+from dockerrouter.defaults import DEFAULT_CHAIN, DEFAULT_CONFIG
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
 LINGER = "/var/lib/systemd/linger"

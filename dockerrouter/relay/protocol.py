@@ -15,7 +15,7 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional, Set, cast
+from typing import Any, Callable, Optional, Set, cast
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,7 +26,6 @@ from zope.interface import implementer
 
 from dockerrouter.routing.backends import (
     Backend,
-    BackendResolver,
     BackendUnusable,
     ConnectTimeout,
     LookupFailed,
@@ -39,17 +38,15 @@ from dockerrouter.routing.backends import (
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.service.config import Settings
 from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.relay.errors import ErrorResponder
 from dockerrouter.relay.budget import Budget
 from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
 from dockerrouter.routing.rules import NeedLookup
+from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.splice import PipePool, Splicer
+from dockerrouter.relay.stats import Histogram
 from dockerrouter.routing.visibility import Viewer, look
-
-if TYPE_CHECKING:
-    from dockerrouter.service.metrics import Buckets
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
@@ -537,8 +534,8 @@ class RouterFactory(Factory):
         # bytes from of ended relays], the most recently active last.
         self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
         # Histograms (with an observe method) that metrics may set.
-        self.durations: Optional[Buckets] = None
-        self.connectTimes: Optional[Buckets] = None
+        self.durations: Optional[Histogram] = None
+        self.connectTimes: Optional[Histogram] = None
 
     def relayed(self, connectSeconds: float, template: str = "") -> None:
         """A connection is relayed: count it, and by the socket it went to."""

@@ -19,7 +19,8 @@ from attrs import Factory, field, frozen
 
 from dockerrouter.routing.credentials import Credentials, peerGroups
 from dockerrouter.routing.namespaces import outermostOwner
-from dockerrouter.routing.rules import DEFAULT_CHAIN, Account, Lookups, Rule
+from dockerrouter.defaults import DEFAULT_CHAIN
+from dockerrouter.routing.rules import Account, Lookups, Rule
 from dockerrouter.routing.visibility import Found, Missing
 
 SETUP_TOOL = "dockerd-rootless-setuptool.sh"

@@ -17,17 +17,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.interfaces import ISystemHandle
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from dockerrouter import __version__, cli
+from dockerrouter import __version__
 from dockerrouter.routing.credentials import peerCredentials
 from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
     from dockerrouter.relay.protocol import RouterFactory
-
-# The lock file lets a restart after a crash take over a stale socket.
-DEFAULT_CONTROL = cli.DEFAULT_CONTROL + ":mode=600:lockfile=1"
 
 
 def liveStatus(factory: "RouterFactory") -> dict[str, Any]:

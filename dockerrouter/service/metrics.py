@@ -21,7 +21,7 @@ from prometheus_client.core import (
     Metric,
 )
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from dockerrouter import __version__
 from dockerrouter.routing.backends import BackendUnusable

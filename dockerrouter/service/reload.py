@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 from dockerrouter.base.logging import RouterLogger
 from dockerrouter.service.notify import Notifier
 
-Reloader = Callable[[], str]
+# One thing SIGHUP re-reads: it does so, and says what in a few words.
+ReloadStep = Callable[[], str]
 
 
 class ReloadService(Service):
@@ -29,7 +30,7 @@ class ReloadService(Service):
 
     log = RouterLogger()
 
-    def __init__(self, reactor: IReactorFromThreads, reloaders: Sequence[Reloader], notifier: Notifier) -> None:
+    def __init__(self, reactor: IReactorFromThreads, reloaders: Sequence[ReloadStep], notifier: Notifier) -> None:
         self._reactor = reactor
         self.reloaders = list(reloaders)
         self._notifier = notifier

@@ -15,7 +15,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.routing.backends import BackendResolver, SubordinateIds, loginDefsUidMin
-from dockerrouter.service.config import Settings
+from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay.protocol import RouterFactory

@@ -15,14 +15,13 @@ from zope.interface import implementer
 
 from dockerrouter.base.logging import (
     CONNECTION_DONE,
-    ClassicText,
     ConnectionRecords,
     HeldWrites,
     RejectionLog,
     RouterLogger,
     emitFormatted,
-    speedUpFileLogs,
 )
+from dockerrouter.service.logfiles import ClassicText, speedUpFileLogs
 
 
 @implementer(ILogObserver)

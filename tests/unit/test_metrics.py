@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.routing.backends import BackendResolver
-from dockerrouter.service.config import Settings
+from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.service.metrics import Buckets, RouterMetrics
 from dockerrouter.relay.protocol import RouterFactory

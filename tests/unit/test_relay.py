@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter.routing.backends import Backend, BackendResolver, Route
-from dockerrouter.service.config import Settings
+from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
 from dockerrouter.relay import protocol as relay

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dockerrouter.service import config
 from dockerrouter.routing.backends import Backend, BackendResolver, Denied, NoRoute, Route
 from dockerrouter.routing.credentials import Credentials
-from dockerrouter.routing.rules import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
+from dockerrouter.defaults import DEFAULT_CHAIN
+from dockerrouter.routing.rules import Account, Lookups, NeedLookup, Rule, RuleError, parseRules
 from dockerrouter.service.tap import Options
 from tests.unit.doubles import FakeSocket, asSocket
 
@@ -32,7 +33,7 @@ def lookups(**kwargs) -> Lookups:
 def rules(text: str) -> tuple[Rule, ...]:
     import tomllib
 
-    return parseRules(tomllib.loads(text)["rule"], lambda n: f"rule {n}", config.checkTemplate)
+    return parseRules(tomllib.loads(text)["rule"], lambda n: f"rule {n}")
 
 
 class DefaultChainTests(SynchronousTestCase):

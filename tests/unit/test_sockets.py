@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from dockerrouter.routing.backends import BackendResolver
 from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
-from dockerrouter.service.config import Settings
+from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.protocol import RouterFactory
 from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
