@@ -26,15 +26,6 @@ class PeerCredentialsTests(SynchronousTestCase):
             peerCredentials(a), Credentials(os.getpid(), os.getuid(), os.getgid())
         )
 
-    def test_frozen(self) -> None:
-        """
-        Credentials are values: equal by content and immutable.
-        """
-        c = Credentials(pid=1, uid=2, gid=3)
-        self.assertEqual(c, Credentials(1, 2, 3))
-        with self.assertRaises(AttributeError):
-            c.uid = 0  # type: ignore[misc]  # frozen: the point of the test
-
 
 class UnsignedIdsTests(SynchronousTestCase):
     def test_uidAbove2To31(self) -> None:
