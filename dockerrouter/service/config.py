@@ -21,16 +21,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dockerrouter.base._compat import recordGivenOptions
-from dockerrouter.routing.backends import (
-    Advice,
-    BackendResolver,
-    SubordinateIds,
-    findSetupTool,
-    loginDefsUidMin,
-)
-from dockerrouter.defaults import DEFAULT_CHAIN, DEFAULT_CONFIG
+from dockerrouter.defaults import DEFAULT_CONFIG
 from dockerrouter.relay.limits import connectionsFor
 from dockerrouter.relay.settings import Settings
+from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
 from dockerrouter.routing.rules import Lookups, RuleError, parseRules
 
 if TYPE_CHECKING:
@@ -99,18 +93,16 @@ def settingsFrom(
     options: FileOptions, reactor: "_ThreadedClock", descriptorLimit: int, warn: Callable[[str], None]
 ) -> Settings:
     """The L{Settings} that C{options} give."""
-    subordinates = None
-    if not options["no-subuid"]:
-        subordinates = SubordinateIds(
-            options["subuid-file"], warn=warn, clock=reactor.seconds, uidMin=loginDefsUidMin()
-        )
+    subordinates = subordinatesFrom(
+        None if options["no-subuid"] else options["subuid-file"], warn, reactor.seconds
+    )
     return Settings(
-        resolver=BackendResolver(
-            options["user-socket"] or DEFAULT_CHAIN,
-            subordinates=subordinates,
-            advice=Advice(findSetupTool(), options["advice"]),
-            rules=options["rule"],
-            lookups=Lookups(reactor.seconds, _inThreads(reactor)),
+        resolver=resolverFrom(
+            options["user-socket"],
+            subordinates,
+            options["advice"],
+            options["rule"],
+            Lookups(reactor.seconds, _inThreads(reactor)),
         ),
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(descriptorLimit),

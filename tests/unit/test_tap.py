@@ -250,7 +250,7 @@ class AdviceOptionTests(SynchronousTestCase):
         Issue 8.7: C{--advice} reaches every message's advice, and the setup
         tool is looked for once, at start.
         """
-        from dockerrouter.service import config
+        from dockerrouter.routing import configured
 
         looked: list[int] = []
 
@@ -258,7 +258,7 @@ class AdviceOptionTests(SynchronousTestCase):
             looked.append(1)
             return "/opt/x/setup.sh"
 
-        self.patch(config, "findSetupTool", findSetupTool)
+        self.patch(configured, "findSetupTool", findSetupTool)
         options = parse("--listen", f"unix:{self.mktemp()}", "--advice", "{advice}; see https://wiki.example/docker")
         service = makeService(options, reactor=MemoryReactorClock())
         [factory] = {s.factory for s in service if hasattr(s, "factory")}
