@@ -142,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     doctor.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help=f"the router's configuration file, for its user-socket (default: {DEFAULT_CONFIG})",
+        help=f"the router's configuration file, for its routing (default: {DEFAULT_CONFIG})",
     )
     doctor.set_defaults(run=runDoctor)
     arguments = parser.parse_args(argv)
