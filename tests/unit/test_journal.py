@@ -146,3 +146,14 @@ class JournalTests(SynchronousTestCase):
         self.assertTrue(journal.underJournal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}))
         self.assertFalse(journal.underJournal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}))
         self.assertFalse(journal.underJournal({}))
+
+
+class InstalledNameTests(SynchronousTestCase):
+    def test_unitFilesName(self) -> None:
+        """
+        C{--logger=dockerrouter.journal.observer}, which installed unit files
+        give twistd, still names the journal observer.
+        """
+        from dockerrouter.journal import observer
+
+        self.assertIs(observer, journal.observer)
