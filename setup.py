@@ -8,7 +8,7 @@ Twisted's own plugins stay visible), and the man page.
 from setuptools import setup
 
 setup(
-    packages=["dockerrouter", "twisted.plugins"],
+    packages=["dockerrouter", "dockerrouter.base", "dockerrouter.routing", "dockerrouter.relay", "dockerrouter.service", "twisted.plugins"],
     # PREFIX/share/man/man8: see README ("Install and run") for how man finds
     # it when PREFIX is a virtual environment.
     data_files=[("share/man/man8", ["man/docker-router.8"])],

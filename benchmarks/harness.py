@@ -325,7 +325,7 @@ reactor.run()
 
 
 # How late the router writes a connection's record at most (it batches
-# them: dockerrouter.logging.ConnectionRecords.interval), with a margin.
+# them: dockerrouter.base.logging.ConnectionRecords.interval), with a margin.
 RECORDS_LATE = 0.2
 
 

@@ -14,8 +14,8 @@ import socket
 import sys
 from typing import Any, Optional
 
-DEFAULT_CONTROL = "unix:/run/docker-router/control.sock"
-DEFAULT_CONFIG = "/etc/docker-router/docker-router.toml"
+from dockerrouter.base.endpoints import unixPath
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_CONTROL
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -31,9 +31,10 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 def socketPath(endpoint: str) -> str:
     """The path of a C{unix:} endpoint string (as given to C{--control})."""
-    if not endpoint.startswith("unix:"):
+    path = unixPath(endpoint)
+    if path is None:
         raise ValueError(f"{endpoint!r}: only unix: control endpoints can be read")
-    return endpoint[len("unix:") :].split(":", 1)[0]
+    return path
 
 
 def getUnix(path: str, url: str, timeout: float = 10.0) -> tuple[http.client.HTTPResponse, bytes]:
@@ -141,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     doctor.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help=f"the router's configuration file, for its user-socket (default: {DEFAULT_CONFIG})",
+        help=f"the router's configuration file, for its routing (default: {DEFAULT_CONFIG})",
     )
     doctor.set_defaults(run=runDoctor)
     arguments = parser.parse_args(argv)

@@ -22,10 +22,18 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.backends import SETUP_TOOL, findSetupTool, locateSetupTool
-from dockerrouter.cli import DEFAULT_CONFIG
-from dockerrouter.credentials import peerCredentials
-from dockerrouter.routing import DEFAULT_CHAIN
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_SUBUID_FILE
+from dockerrouter.routing.backends import (
+    SETUP_TOOL,
+    BackendResolver,
+    BackendUnusable,
+    findSetupTool,
+    locateSetupTool,
+)
+from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
+from dockerrouter.routing.credentials import peerCredentials
+from dockerrouter.routing.rules import Lookups, RuleError, checkTemplate, parseRules
+
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
 LINGER = "/var/lib/systemd/linger"
@@ -176,26 +184,26 @@ def pingAs(user: pwd.struct_passwd, path: str) -> tuple[Optional[int], str]:
     return uid, said
 
 
-def chainFor(user: pwd.struct_passwd, templates: tuple[str, ...]) -> list[str]:
-    """The user's socket paths; a template with other fields is left as it is."""
-    paths = []
-    for template in templates:
-        try:
-            paths.append(template.format(uid=user.pw_uid, user=user.pw_name, home=user.pw_dir))
-        except (KeyError, IndexError, ValueError):
-            paths.append(template)
-    return paths
-
-
-def checkChain(user: pwd.struct_passwd, templates: tuple[str, ...], asRoot: bool) -> tuple[list[Check], bool]:
+def checkChain(user: pwd.struct_passwd, resolver: BackendResolver, asRoot: bool) -> tuple[list[Check], bool]:
     """
-    Each socket of the user's chain, in the router's order: the first that
-    is there decides (a socket of someone else's is refused at once; one
-    that refuses lets the next be tried).  Also whether one answers.
+    Each socket of the chain the router's resolver gives the user (its
+    rules, owner and chain), in the router's order: the first that is
+    there decides (a socket of anyone but the daemon's owner is refused at
+    once; one that refuses lets the next be tried).  Also whether one
+    answers.
     """
+    try:
+        with connectionAs(user) as client:
+            route = resolver.resolve(peerCredentials(client), client)
+    except BackendUnusable as reason:
+        return [Check(FAIL, "route", resolver.advice.render(reason))], False
+    except (OSError, subprocess.SubprocessError) as e:
+        return [Check(FAIL, "route", f"cannot connect as {user.pw_name} to ask the router's resolver: {e}")], False
     checks, usable, decided, stale = [], False, False, False
     eyes = f" (pinged as {user.pw_name})" if asRoot else ""
-    for path in chainFor(user, templates):
+    for backend in route.candidates:
+        path, owner = backend.path, backend.owner
+        whose = user.pw_name if owner == user.pw_uid else _owner(owner)
         what = f"socket {path}"
         if decided:
             checks.append(Check(NOTE, what, "not tried (an earlier one decides)"))
@@ -211,26 +219,27 @@ def checkChain(user: pwd.struct_passwd, templates: tuple[str, ...], asRoot: bool
         if not stat.S_ISSOCK(st.st_mode):
             checks.append(Check(FAIL, what, "is not a socket", f"rm {path}"))
             continue
-        if st.st_uid != user.pw_uid:
+        if st.st_uid != owner:
             decided = True
-            checks.append(Check(FAIL, what, f"belongs to {_owner(st.st_uid)}, not to {user.pw_name}: "
+            checks.append(Check(FAIL, what, f"belongs to {_owner(st.st_uid)}, not to {whose}: "
                                 "docker-router refuses to connect you to it",
                                 f"rm {path} (and point it at your own daemon, or remove the link)"))
             continue
+        yours = "yours" if owner == user.pw_uid else f"{whose}'s, as a rule says"
         uid, said = pingAs(user, path)
         if uid is None:
-            checks.append(Check(WARN, what, f"yours, but refuses connections ({said}){eyes}"))
+            checks.append(Check(WARN, what, f"{yours}, but refuses connections ({said}){eyes}"))
             stale = True
             continue
         decided = True
-        if uid != user.pw_uid:
+        if uid != owner:
             checks.append(Check(FAIL, what, f"answered by a daemon running as {_owner(uid)}, not as "
-                                f"{user.pw_name}: docker-router refuses it", f"rm {path}"))
+                                f"{whose}: docker-router refuses it", f"rm {path}"))
         elif said.split()[1:2] == ["200"]:
             usable = True
-            checks.append(Check(OK, what, f"yours, answers _ping{eyes}"))
+            checks.append(Check(OK, what, f"{yours}, answers _ping{eyes}"))
         else:
-            checks.append(Check(FAIL, what, f"yours, but _ping said {said!r}{eyes}",
+            checks.append(Check(FAIL, what, f"{yours}, but _ping said {said!r}{eyes}",
                                 "systemctl --user restart docker"))
     if not usable and not decided:
         checks.append(Check(FAIL, "daemon", "no socket of the chain answers", _startCommand(user, stale, asRoot)))
@@ -308,25 +317,82 @@ def _currentContext(config: str) -> Optional[str]:
     return context if isinstance(context, str) else None
 
 
-def configuredChain(path: str = DEFAULT_CONFIG) -> tuple[str, ...]:
-    """The router's C{user-socket} from its configuration file, else the default chain."""
+class ConfigProblem(Exception):
+    """The configuration file says something the router would refuse."""
+
+
+def configuredResolver(path: str = DEFAULT_CONFIG) -> BackendResolver:
+    """
+    The router's resolver, from the routing its configuration file gives
+    (C{user-socket}, C{[[rule]]}, C{subuid-file}, C{no-subuid}, C{advice}),
+    built as the router builds it; the defaults when there is no file.
+
+    @raise ConfigProblem: for a file the router would refuse.
+    """
     try:
         with open(path, "rb") as f:
-            value = tomllib.load(f).get("user-socket")
-    except (OSError, ValueError):
-        value = None
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    return DEFAULT_CHAIN
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        text = ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigProblem(f"cannot read {path}: {e}")
+    try:
+        values = tomllib.loads(text)
+        templates = values.get("user-socket", [])
+        templates = [templates] if isinstance(templates, str) else templates
+        if not (isinstance(templates, list) and all(isinstance(t, str) for t in templates)):
+            raise ConfigProblem(f"{path}: user-socket must be a list of strings")
+        for template in templates:
+            checkTemplate(template)
+        rules = parseRules(values.get("rule", []), lambda number: f"{path}, rule {number}") if "rule" in values else ()
+    except (tomllib.TOMLDecodeError, RuleError, ValueError) as e:
+        raise ConfigProblem(f"{path}: {e}")
+    site, subuids = values.get("advice"), values.get("subuid-file", DEFAULT_SUBUID_FILE)
+    subordinates = subordinatesFrom(None if values.get("no-subuid") is True else str(subuids),
+                                    lambda text: None, time.monotonic)
+    return resolverFrom(templates, subordinates, site if isinstance(site, str) else None, rules, Lookups())
 
 
-def diagnose(user: pwd.struct_passwd, templates: tuple[str, ...], environ: Optional[dict]) -> tuple[list[Check], bool]:
+def connectionAs(user: pwd.struct_passwd) -> socket.socket:
+    """
+    A connection from a process with C{user}'s uid, primary and
+    supplementary groups, as the router would accept it (the kernel
+    records them): this process, or a child with their rights.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("")  # an abstract address of the kernel's choosing
+        listener.listen(1)
+        listener.settimeout(PING_TIMEOUT)
+        address = listener.getsockname()
+        if os.geteuid() == user.pw_uid:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(address)
+                return listener.accept()[0]
+        subprocess.run(
+            [sys.executable, "-I", "-m", "dockerrouter.doctor", "connect", address[1:].hex()],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            capture_output=True,
+            timeout=PING_TIMEOUT * 2,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd="/",
+            check=True,
+        )
+        # The child has gone; the kernel keeps what it recorded at connect.
+        return listener.accept()[0]
+
+
+def diagnose(user: pwd.struct_passwd, config: str, environ: Optional[dict]) -> tuple[list[Check], bool]:
     """Every check for C{user}; and whether they can use Docker."""
     asRoot = os.geteuid() != user.pw_uid
     checks = checkSubordinates(user) + checkIdMappers() + checkSession(user)
-    chain, usable = checkChain(user, templates, asRoot)
+    try:
+        resolver = configuredResolver(config)
+    except ConfigProblem as e:
+        checks.append(Check(FAIL, "configuration", f"{e}; the router would refuse it", f"correct {config}"))
+        return checks, False
+    chain, usable = checkChain(user, resolver, asRoot)
     checks += chain
     checks.append(checkSetupTool())
     checks += checkClientConfig(user, environ)
@@ -356,7 +422,7 @@ def run(name: Optional[str], config: str, out: TextIO, err: TextIO = sys.stderr)
         err.write("docker-router doctor: only root can check another user\n")
         return 2
     environ = dict(os.environ) if me == user.pw_uid else None
-    checks, usable = diagnose(user, configuredChain(config), environ)
+    checks, usable = diagnose(user, config, environ)
     eyes = "" if me == user.pw_uid else f" (by root: files as root sees them, daemons pinged as {user.pw_name})"
     out.write(f"docker-router doctor for {user.pw_name} (uid {user.pw_uid}){eyes}\n")
     for check in checks:
@@ -369,3 +435,6 @@ def run(name: Optional[str], config: str, out: TextIO, err: TextIO = sys.stderr)
 if __name__ == "__main__" and sys.argv[1:2] == ["ping"]:
     # pingAs's child, running with the user's rights.
     print(json.dumps(ping(sys.argv[2])))
+elif __name__ == "__main__" and sys.argv[1:2] == ["connect"]:
+    # connectionAs's child: the connection carries the user's credentials.
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(b"\0" + bytes.fromhex(sys.argv[2]))

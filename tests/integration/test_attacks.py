@@ -81,9 +81,22 @@ class SymlinkAttackTests(IntegrationTestCase):
         self.attack(UID_A, router)
         rootBackend.settle()
         self.assertEqual(rootBackend.receivedBytes(), 0)
-        # The router may see its own peer for what it is (a loop) or just as
-        # a daemon running as root; either way it refuses.
-        router.waitLog(r"rejected uid=%d .*cause=(wrong-owner|loop)$" % (UID_A,))
+        # The router's socket is root's: refused before any connect (the
+        # loop guard's own case is the next test).
+        router.waitLog(r"rejected uid=%d .*cause=wrong-owner$" % (UID_A,))
+
+    def test_rootsPathToTheRouterItself(self):
+        """
+        Root's own path leading back to the router: the socket there is
+        root's, and so is the process listening on it, so only the loop
+        guard (the daemon reached is the router itself) stands between
+        root's client and the router relaying to itself.
+        """
+        router = self.harness.startRouter()
+        self.harness.symlink(router.listenPath, self.harness.backendPath(0), owner=0)
+        message = self.attack(0, router)
+        self.assertIn("leads back to docker-router itself", message)
+        router.waitLog(r"rejected uid=0 .*cause=loop$")
 
     def test_rootObeysTheSameRule(self):
         """

@@ -104,3 +104,50 @@ class DoctorTests(IntegrationTestCase):
     def test_anotherUserIsRootsToCheck(self):
         status, lines = self.doctor("dr-carol", "dr-alice")
         self.assertEqual((status, lines), (2, ["docker-router doctor: only root can check another user"]))
+
+    def config(self, text):
+        path = os.path.join(self.harness.tmp, "router.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        return path
+
+    def test_ruleAndOwner(self):
+        """
+        A user a rule sends elsewhere is shown that rule's chain, judged by
+        the owner it names: a socket of the user's own there is refused.
+        """
+        bob, carol = self.user("dr-bob"), self.user("dr-carol")
+        shared = os.path.join(self.harness.tmp, "shared-{user}.sock")
+        path = shared.format(user="dr-bob")
+        with socket.socket(socket.AF_UNIX) as bound:
+            bound.bind(path)
+        os.chown(path, bob.pw_uid, bob.pw_gid)
+        config = self.config(f'[[rule]]\nuser = "dr-bob"\nuser-socket = "{shared}"\nowner = "dr-carol"\n')
+        for asRoot in (False, True):
+            status, lines = self.doctor("dr-bob", "--config", config, asRoot=asRoot)
+            self.assertEqual(status, 1, lines)
+            self.assertIn(
+                f"FAIL  socket {path}: belongs to dr-bob (uid {bob.pw_uid}), not to dr-carol "
+                f"(uid {carol.pw_uid}): docker-router refuses to connect you to it; fix: rm {path} "
+                "(and point it at your own daemon, or remove the link)",
+                lines,
+            )
+            self.assertEqual([line for line in lines if f"/run/user/{bob.pw_uid}/" in line], [])
+
+    def test_ruleDenies(self):
+        """A user a rule refuses reads the rule's message, and nothing is tried."""
+        config = self.config('[[rule]]\nuser = "dr-carol"\ndeny = "Docker is not for this account"\n')
+        for asRoot in (False, True):
+            status, lines = self.doctor("dr-carol", "--config", config, asRoot=asRoot)
+            self.assertEqual(status, 1, lines)
+            self.assertIn("FAIL  route: Docker is not for this account.", lines)
+            self.assertEqual([line for line in lines if " socket " in line], [])
+
+    def test_badConfiguration(self):
+        """A file the router would refuse is named, not silently replaced by the defaults."""
+        config = self.config('[[rule]]\nuser = "dr-carol"\n')
+        status, lines = self.doctor("dr-carol", "--config", config)
+        self.assertEqual(status, 1, lines)
+        [failure] = [line for line in lines if line.startswith("FAIL  configuration: ")]
+        self.assertIn("a rule needs either user-socket or deny", failure)

@@ -18,7 +18,7 @@ import resource
 import time
 import unittest
 
-from dockerrouter.limits import connectionsFor
+from dockerrouter.relay.limits import connectionsFor
 from tests.integration.harness import (
     UID_A,
     UID_B,

@@ -6,10 +6,8 @@ restart.
 """
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
 
 from tests.integration.harness import UID_A, IntegrationTestCase, pollUntil
 

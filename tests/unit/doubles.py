@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, cast
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import StringTransport
 
-from dockerrouter.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
+from dockerrouter.routing.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
 
 
 class FakeSocket:
@@ -102,7 +102,7 @@ def socketFile(uid: int) -> tuple[int, os.stat_result]:
 
 class InlineWorkers:
     """
-    L{dockerrouter.workers.Workers} that runs each job at once, in the
+    L{dockerrouter.relay.workers.Workers} that runs each job at once, in the
     caller's thread: the relay's protocol logic, driven synchronously.
     With C{held}, jobs wait until the test calls L{finish}.
     """

@@ -8,7 +8,7 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import (
+from dockerrouter.routing.backends import (
     SETUP_TOOL,
     Advice,
     Backend,
@@ -31,9 +31,9 @@ from dockerrouter.backends import (
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.credentials import Credentials
-from dockerrouter.routing import Account, Lookups, accountOf
-from dockerrouter.visibility import Found, Missing
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.routing.rules import Account, Lookups, accountOf
+from dockerrouter.routing.visibility import Found, Missing
 
 
 def _socketStat(uid: int, ino: int = 7) -> os.stat_result:

@@ -7,7 +7,7 @@ sockets, is in test_sockets.)
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.budget import SWEEP_INTERVAL, Budget
+from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
 
 
 class Holder:

@@ -1,5 +1,5 @@
 """
-The assumptions L{dockerrouter._compat} makes about Twisted's insides, each
+The assumptions L{dockerrouter.base._compat} makes about Twisted's insides, each
 checked against the installed Twisted: an upgrade that changes one fails
 here, loudly, rather than on a host.
 """
@@ -22,14 +22,15 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorSocket, IReadDescriptor
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.python import lockfile
+from twisted.python import lockfile, usage
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from dockerrouter import _compat
+from dockerrouter.base import _compat
+from dockerrouter.base.endpoints import bindInode
 
 
 def connectNonBlocking(path: str) -> socket.socket:
@@ -148,7 +149,7 @@ class PortTests(TestCase):
     def test_ownUnlinked(self):
         """The socket this port bound is unlinked, and its lock released."""
         port = self.listen(wantPID=True)
-        _compat.guardStop(port, _compat.bindInode(self.path), self.fail)
+        _compat.guardStop(port, bindInode(self.path), self.fail)
 
         def stopped(_):
             self.assertFalse(os.path.exists(self.path))
@@ -161,7 +162,7 @@ class PortTests(TestCase):
         """A socket someone else bound at the path since stays, and is named."""
         port = self.listen(wantPID=True)
         leftAlone = []
-        _compat.guardStop(port, _compat.bindInode(self.path), leftAlone.append)
+        _compat.guardStop(port, bindInode(self.path), leftAlone.append)
         os.unlink(self.path)
         other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(other.close)
@@ -413,3 +414,41 @@ class LogFileTests(TestCase):
         for _ in range(5):
             made.write("x" * 600)
         self.assertIn("router.log.1", os.listdir(made.directory))
+
+
+class RecordGivenOptionsTests(TestCase):
+    def test_eachKindOfOptionRecorded(self) -> None:
+        """
+        A parameter, a flag and an C{opt_} method given on the command line
+        are each recorded by name, and still set what they set.
+        """
+
+        class Options(usage.Options):
+            optParameters = [["size", None, 1, "", int]]
+            optFlags = [["quiet", None, ""]]
+
+            def opt_name(self, value: str) -> None:
+                self["name"] = value
+
+        options = Options()
+        given: list[str] = []
+        _compat.recordGivenOptions(options, given.append)
+        options.parseOptions(["--size", "3", "--quiet", "--name", "x"])
+        self.assertEqual(sorted(given), ["name", "quiet", "size"])
+        self.assertEqual((options["size"], options["quiet"], options["name"]), (3, True, "x"))
+
+
+class RawAcceptTests(TestCase):
+    def test_descriptorAndAddress(self) -> None:
+        """It returns an accepted descriptor and the peer's address."""
+        server, client = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        server.bind(self.mktemp())
+        server.listen(1)
+        client.connect(server.getsockname())
+        fd, address = _compat.rawAccept(server)
+        with socket.socket(fileno=fd) as accepted:
+            accepted.sendall(b"x")
+            self.assertEqual(client.recv(1), b"x")
+        self.assertEqual(address, "")

@@ -11,9 +11,9 @@ from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter import config
-from dockerrouter.reload import ReloadService
-from dockerrouter.tap import Options, makeService
+from dockerrouter.service import config
+from dockerrouter.service.reload import ReloadService
+from dockerrouter.service.tap import Options, makeService
 
 
 class FileTests(SynchronousTestCase):
@@ -76,11 +76,11 @@ class FileTests(SynchronousTestCase):
         self.assertIn("line 2: start: 'sysvinit': the only way to start a daemon is systemd", str(caught.exception))
 
     def test_defaultPathOnlyWhenThere(self) -> None:
-        self.patch(config, "DEFAULT_PATH", self.write("max-connections-per-user = 9\n"))
+        self.patch(config, "DEFAULT_CONFIG", self.write("max-connections-per-user = 9\n"))
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["max-connections-per-user"], 9)
-        self.patch(config, "DEFAULT_PATH", "/nonexistent/docker-router.toml")
+        self.patch(config, "DEFAULT_CONFIG", "/nonexistent/docker-router.toml")
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["max-connections-per-user"], 1024)
@@ -121,7 +121,7 @@ class ReloadTests(SynchronousTestCase):
         """
         default = FilePath(self.mktemp())
         default.setContent(b"max-connections-per-user = 5\n")
-        self.patch(config, "DEFAULT_PATH", default.path)
+        self.patch(config, "DEFAULT_CONFIG", default.path)
         options = Options()
         options.parseOptions(["--listen", "unix:x.sock", "--control", ""])
         service = makeService(options, reactor=MemoryReactorClock())

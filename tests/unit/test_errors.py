@@ -7,8 +7,8 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.credentials import Credentials
-from dockerrouter.errors import ErrorResponder, renderError
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.relay.errors import ErrorResponder, renderError
 from tests.unit.doubles import PeerTransport
 
 

@@ -13,8 +13,8 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python import log as legacyLog
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter import journal
-from dockerrouter.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
+from dockerrouter.service import journal
+from dockerrouter.base.logging import CONNECTION_DONE, REJECTED, RouterLogger, emitFormatted
 
 
 def decode(data: bytes) -> dict[str, str]:
@@ -146,3 +146,14 @@ class JournalTests(SynchronousTestCase):
         self.assertTrue(journal.underJournal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}))
         self.assertFalse(journal.underJournal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}))
         self.assertFalse(journal.underJournal({}))
+
+
+class InstalledNameTests(SynchronousTestCase):
+    def test_unitFilesName(self) -> None:
+        """
+        C{--logger=dockerrouter.journal.observer}, which installed unit files
+        give twistd, still names the journal observer.
+        """
+        from dockerrouter.journal import observer
+
+        self.assertIs(observer, journal.observer)

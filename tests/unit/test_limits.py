@@ -15,12 +15,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import BackendResolver, SubordinateIds, loginDefsUidMin
-from dockerrouter.config import Settings
-from dockerrouter.credentials import Credentials
-from dockerrouter.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
-from dockerrouter.relay import RouterFactory
-from dockerrouter.routing import NeedLookup
+from dockerrouter.routing.backends import BackendResolver, SubordinateIds, loginDefsUidMin
+from dockerrouter.relay.settings import Settings
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
+from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.routing.rules import NeedLookup
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 

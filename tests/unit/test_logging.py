@@ -13,16 +13,15 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, capturedLog
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from dockerrouter.logging import (
+from dockerrouter.base.logging import (
     CONNECTION_DONE,
-    ClassicText,
     ConnectionRecords,
     HeldWrites,
     RejectionLog,
     RouterLogger,
     emitFormatted,
-    speedUpFileLogs,
 )
+from dockerrouter.service.logfiles import ClassicText, speedUpFileLogs
 
 
 @implementer(ILogObserver)
@@ -108,7 +107,7 @@ class ClassicTextTests(SynchronousTestCase):
         except ZeroDivisionError:
             failure = Failure()
         made = _Recorder()
-        log = RouterLogger(namespace="dockerrouter.relay.ServerProtocol", observer=made)
+        log = RouterLogger(namespace="dockerrouter.relay.protocol.ServerProtocol", observer=made)
         emitFormatted(log, LogLevel.info, CONNECTION_DONE, uid=1001, user="alice", pid=4711,
                       backend="/run/user/1001/docker.sock", duration=0.25, bytesToDocker=183,
                       bytesFromDocker=2211, end="closed")
@@ -165,7 +164,7 @@ class ConnectionRecordsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.events = _Recorder()
-        self.records = ConnectionRecords(self.clock, RouterLogger("dockerrouter.relay.ServerProtocol", observer=self.events))
+        self.records = ConnectionRecords(self.clock, RouterLogger("dockerrouter.relay.protocol.ServerProtocol", observer=self.events))
 
     def test_batchWithinAnInterval(self) -> None:
         """
@@ -189,7 +188,7 @@ class ConnectionRecordsTests(SynchronousTestCase):
         self.records.add(**_record(7))
         self.records.flush()
         one = _Recorder()
-        emitFormatted(RouterLogger("dockerrouter.relay.ServerProtocol", observer=one), LogLevel.info, CONNECTION_DONE, **_record(7))
+        emitFormatted(RouterLogger("dockerrouter.relay.protocol.ServerProtocol", observer=one), LogLevel.info, CONNECTION_DONE, **_record(7))
         [batched], [single] = self.events, one
         self.assertLess(abs(batched.pop("log_time") - single.pop("log_time")), 1)
         self.assertEqual(batched.pop("log_logger").namespace, single.pop("log_logger").namespace)

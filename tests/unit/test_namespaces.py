@@ -14,8 +14,8 @@ import unittest
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter import namespaces
-from dockerrouter.namespaces import outermostOwner
+from dockerrouter.routing import namespaces
+from dockerrouter.routing.namespaces import outermostOwner
 
 USER = 61001
 # Connects, says so, and stays until its stdin closes.

@@ -15,8 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from dockerrouter.notify import Notifier, NotifyService
-from dockerrouter.reload import ReloadService
+from dockerrouter.service.notify import Notifier, NotifyService
+from dockerrouter.service.reload import ReloadService
 
 
 class _Factory:

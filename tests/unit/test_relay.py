@@ -21,16 +21,16 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.backends import Backend, BackendResolver, Route
-from dockerrouter.config import Settings
-from dockerrouter.credentials import Credentials
-from dockerrouter.logging import ConnectionRecords
-from dockerrouter import relay
-from dockerrouter.relay import RouterFactory, ServerProtocol
-from dockerrouter.routing import Account, Lookups
-from dockerrouter.visibility import Found, Missing
-from dockerrouter.splice import Splicer
-from dockerrouter.starter import StartTimedOut
+from dockerrouter.routing.backends import Backend, BackendResolver, Route
+from dockerrouter.relay.settings import Settings
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.base.logging import ConnectionRecords
+from dockerrouter.relay import protocol as relay
+from dockerrouter.relay.protocol import RouterFactory, ServerProtocol
+from dockerrouter.routing.rules import Account, Lookups
+from dockerrouter.routing.visibility import Found, Missing
+from dockerrouter.relay.splice import Splicer
+from dockerrouter.service.starter import StartTimedOut
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)

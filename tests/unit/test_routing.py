@@ -12,11 +12,12 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dockerrouter import config
-from dockerrouter.backends import Backend, BackendResolver, Denied, NoRoute, Route
-from dockerrouter.credentials import Credentials
-from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule, RuleError, parseRules
-from dockerrouter.tap import Options
+from dockerrouter.service import config
+from dockerrouter.routing.backends import Backend, BackendResolver, Denied, NoRoute, Route
+from dockerrouter.routing.credentials import Credentials
+from dockerrouter.defaults import DEFAULT_CHAIN
+from dockerrouter.routing.rules import Account, Lookups, NeedLookup, Rule, RuleError, parseRules
+from dockerrouter.service.tap import Options
 from tests.unit.doubles import FakeSocket, asSocket
 
 ALICE = Credentials(pid=5, uid=1000, gid=1000)
@@ -32,7 +33,7 @@ def lookups(**kwargs) -> Lookups:
 def rules(text: str) -> tuple[Rule, ...]:
     import tomllib
 
-    return parseRules(tomllib.loads(text)["rule"], lambda n: f"rule {n}", config.checkTemplate)
+    return parseRules(tomllib.loads(text)["rule"], lambda n: f"rule {n}")
 
 
 class DefaultChainTests(SynchronousTestCase):

@@ -20,11 +20,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from dockerrouter.backends import BackendResolver
-from dockerrouter.budget import SWEEP_INTERVAL, Budget
-from dockerrouter.config import Settings
-from dockerrouter.relay import RouterFactory
-from dockerrouter.splice import GRANT, SMALL, SMALL_SNDBUF, queued
+from dockerrouter.routing.backends import BackendResolver
+from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
+from dockerrouter.relay.settings import Settings
+from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
 
 @implementer(IHalfCloseableProtocol)

@@ -11,9 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted.python.failure import Failure
 
-from dockerrouter import starter
-from dockerrouter.backends import Backend
-from dockerrouter.starter import NotEnabled, StartFailed, Starter, StartTimedOut, processRunner
+from dockerrouter.service import starter
+from dockerrouter.routing.backends import Backend
+from dockerrouter.service.starter import NotEnabled, StartFailed, Starter, StartTimedOut, processRunner
 
 ALICE = Backend("/run/user/1001/docker.sock", 1001, "alice")
 BOB = Backend("/run/user/1002/docker.sock", 1002, "bob")

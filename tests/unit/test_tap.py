@@ -9,7 +9,8 @@ import subprocess
 import sys
 import syslog
 from contextlib import redirect_stdout
-from importlib.metadata import version
+import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 from twisted.internet.testing import MemoryReactorClock
@@ -18,8 +19,8 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerrouter import __version__
-from dockerrouter.logging import RouterLogger
-from dockerrouter.tap import DEFAULT_BACKLOG, CannotListen, Options, makeService, withBacklog
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.service.tap import DEFAULT_BACKLOG, CannotListen, Options, makeService, withBacklog
 
 
 def parse(*argv: str) -> Options:
@@ -47,9 +48,16 @@ class OptionsTests(SynchronousTestCase):
 
     def test_versionInOnePlace(self) -> None:
         """
-        The installed distribution takes its version from the package.
+        The version is written in the package only: the project's metadata
+        names no version of its own, and takes the package's.
         """
-        self.assertEqual(version("docker-router"), __version__)
+        with open(Path(__file__).parents[2] / "pyproject.toml", "rb") as f:
+            project = tomllib.load(f)
+        self.assertNotIn("version", project["project"])
+        self.assertIn("version", project["project"]["dynamic"])
+        self.assertEqual(
+            project["tool"]["setuptools"]["dynamic"]["version"], {"attr": "dockerrouter.__version__"}
+        )
 
     def test_repeatableListen(self) -> None:
         options = parse("--listen", "unix:/tmp/a.sock", "--listen", "tcp:2375:interface=127.0.0.1")
@@ -242,7 +250,7 @@ class AdviceOptionTests(SynchronousTestCase):
         Issue 8.7: C{--advice} reaches every message's advice, and the setup
         tool is looked for once, at start.
         """
-        from dockerrouter import config
+        from dockerrouter.routing import configured
 
         looked: list[int] = []
 
@@ -250,7 +258,7 @@ class AdviceOptionTests(SynchronousTestCase):
             looked.append(1)
             return "/opt/x/setup.sh"
 
-        self.patch(config, "findSetupTool", findSetupTool)
+        self.patch(configured, "findSetupTool", findSetupTool)
         options = parse("--listen", f"unix:{self.mktemp()}", "--advice", "{advice}; see https://wiki.example/docker")
         service = makeService(options, reactor=MemoryReactorClock())
         [factory] = {s.factory for s in service if hasattr(s, "factory")}

@@ -10,7 +10,7 @@ import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.visibility import Found, Missing, Viewer, look
+from dockerrouter.routing.visibility import Found, Missing, Viewer, look
 
 USER = Viewer(61001, frozenset({61001}))
 

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from dockerrouter.web import QuietSite, _AtMost
+from dockerrouter.service.web import QuietSite, _AtMost
 
 
 class _Page(Resource):

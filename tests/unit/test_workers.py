@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zope.interface import implementer
 
-from dockerrouter.workers import Workers
+from dockerrouter.relay.workers import Workers
 
 DEADLINE = 10.0
 

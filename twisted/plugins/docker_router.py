@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 dockerRouter = ServiceMaker(
     "docker-router",
-    "dockerrouter.tap",
+    "dockerrouter.service.tap",
     "Route /var/run/docker.sock to each user's own rootless Docker daemon.",
     "docker-router",
 )

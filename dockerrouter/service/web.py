@@ -22,7 +22,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from dockerrouter.logging import RouterLogger
+from dockerrouter.base.logging import RouterLogger
 
 
 class _WithoutBody(Request):

@@ -11,12 +11,12 @@ import errno
 import os
 import resource
 import socket
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from dockerrouter._compat import replaceListeningSocket
-from dockerrouter.logging import RouterLogger
+from dockerrouter.base._compat import rawAccept, replaceListeningSocket
+from dockerrouter.base.logging import RouterLogger
 
 # Descriptors kept back from the connection cap: the listening sockets, the
 # reactor, logging, the idle pipe pool and a backend connect in progress.
@@ -78,7 +78,7 @@ class _GuardedListener:
         try:
             # socket.accept, less its per-call lookups (the listening socket
             # is non-blocking, so the accepted one is left as it comes).
-            fd, address = self._sock._accept()  # type: ignore[attr-defined]  # the C method socket.accept wraps
+            fd, address = rawAccept(self._sock)
             client = socket.socket(*self._kind, fileno=fd)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):

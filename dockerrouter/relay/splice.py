@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
-from dockerrouter._compat import handOverReading
-from dockerrouter.budget import Budget
+from dockerrouter.base._compat import handOverReading
+from dockerrouter.relay.budget import Budget
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

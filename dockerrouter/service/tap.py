@@ -23,8 +23,7 @@ from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.python import usage
 
 from dockerrouter import __version__
-from dockerrouter._compat import (
-    bindInode,
+from dockerrouter.base._compat import (
     dropOwnLock,
     forgetExitSignal,
     guardStop,
@@ -33,20 +32,23 @@ from dockerrouter._compat import (
     lockHolder,
     raiseListenErrors,
 )
-from dockerrouter.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
-from dockerrouter.config import DEFAULT_PATH as DEFAULT_CONFIG
-from dockerrouter.config import FileOptions, Reloader, Settings, checkTemplate, settingsFrom
-from dockerrouter.control import DEFAULT_CONTROL, controlSite
-from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
-from dockerrouter.logging import FileLogsService, RouterLogger
-from dockerrouter.metrics import RouterMetrics
-from dockerrouter.notify import Notifier, NotifyService
-from dockerrouter.relay import RouterFactory, answers
-from dockerrouter.reload import ReloadService
-from dockerrouter.starter import Starter
-from dockerrouter.web import OptionalListener
-
-DEFAULT_LISTEN = "unix:/var/run/docker.sock:mode=666:lockfile=1"
+from dockerrouter.relay.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
+from dockerrouter.base.endpoints import bindInode
+from dockerrouter.base.endpoints import unixPath as _unixPath
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_CONTROL, DEFAULT_LISTEN, DEFAULT_SUBUID_FILE
+from dockerrouter.relay.settings import Settings
+from dockerrouter.routing.rules import checkTemplate
+from dockerrouter.service.config import FileOptions, Reloader, settingsFrom
+from dockerrouter.service.control import controlSite
+from dockerrouter.relay.limits import AcceptBackoff, raiseDescriptorLimit
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.service.logfiles import FileLogsService
+from dockerrouter.service.metrics import RouterMetrics
+from dockerrouter.service.notify import Notifier, NotifyService
+from dockerrouter.relay.protocol import RouterFactory, answers
+from dockerrouter.service.reload import ReloadService
+from dockerrouter.service.starter import Starter
+from dockerrouter.service.web import OptionalListener
 
 # Twisted's default Unix listen backlog is 50: a burst of docker CLIs (each a
 # non-blocking connect) would see EAGAIN.  The kernel caps it at somaxconn.
@@ -136,7 +138,7 @@ class Options(FileOptions):
         [
             "subuid-file",
             None,
-            "/etc/subuid",
+            DEFAULT_SUBUID_FILE,
             "Subordinate uid ranges: a uid in a user's range is routed to that "
             "user's daemon when the client runs in a user namespace the user "
             "owns (their rootless container).",
@@ -251,6 +253,10 @@ class CannotListen(Exception):
     the path) is raised from L{makeService}, and prints one line either way.
     """
 
+    # twistd (daemonized) shows 100 bytes of "module.Class: message": the
+    # package name leaves the reason the room it had before tap.py moved.
+    __module__ = "dockerrouter"
+
 
 def _refuse(description: str, reason: str) -> CannotListen:
     """A L{CannotListen} for C{description}, printed as one line."""
@@ -273,12 +279,6 @@ def _oneLineFor(previous: Callable[..., Any]) -> Callable[..., Any]:
 
     excepthook.printsCannotListen = True  # type: ignore[attr-defined]  # a mark on the function
     return excepthook
-
-
-def _unixPath(description: str) -> Optional[str]:
-    if description.startswith("unix:"):
-        return description[len("unix:") :].split(":", 1)[0]
-    return None
 
 
 def _anotherRouter(pid: Optional[int]) -> str:

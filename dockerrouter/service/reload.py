@@ -2,7 +2,7 @@
 SIGHUP: re-read what can be re-read, without touching a live relay.
 
 Each thing that can be reloaded is a callable in the list the service is
-given (L{makeService<dockerrouter.tap.makeService>} builds it), which does
+given (L{makeService<dockerrouter.service.tap.makeService>} builds it), which does
 its re-reading and returns a few words for the log line.  Another concern
 (a configuration file) adds its own callable to the list.
 """
@@ -15,11 +15,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from dockerrouter.logging import RouterLogger
-from dockerrouter.notify import Notifier
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.service.notify import Notifier
 
-# Its few words, or a Deferred of them (for what is re-read off the reactor).
-Reloader = Callable[[], Union[str, "Deferred[str]"]]
+# One thing SIGHUP re-reads: it does so, and says what in a few words (or a
+# Deferred of them, for what is re-read off the reactor).
+ReloadStep = Callable[[], Union[str, "Deferred[str]"]]
 
 
 class ReloadService(Service):
@@ -31,7 +32,7 @@ class ReloadService(Service):
 
     log = RouterLogger()
 
-    def __init__(self, reactor: IReactorFromThreads, reloaders: Sequence[Reloader], notifier: Notifier) -> None:
+    def __init__(self, reactor: IReactorFromThreads, reloaders: Sequence[ReloadStep], notifier: Notifier) -> None:
         self._reactor = reactor
         self.reloaders = list(reloaders)
         self._notifier = notifier
@@ -57,7 +58,7 @@ class ReloadService(Service):
             return  # a SIGHUP that came in as the router began to stop
         self._notifier.reloading()
 
-        def failed(failure: Any, reloader: Reloader) -> None:
+        def failed(failure: Any, reloader: ReloadStep) -> None:
             self.log.failure("reload: {reloader} failed; keeping what it had", failure, reloader=reloader)
 
         def reloaded(said: list) -> None:

@@ -10,7 +10,7 @@ could reach.  It runs whenever a reason about a path is to be told to a
 client: on every refusal, and for every missing candidate of a chain
 before the next is tried.  It looks at paths users chose (a hung NFS home,
 a FUSE mount that never answers), so it runs in a worker thread, with a
-deadline (see L{dockerrouter.workers}), and ends after so many links and
+deadline (see L{dockerrouter.relay.workers}), and ends after so many links and
 components.
 """
 

@@ -15,7 +15,7 @@ knows neither paths nor users.
 import os
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Set, Union, cast
+from typing import Any, Callable, Optional, Sequence, Set, Union, cast
 
 from attrs import define
 from twisted.internet import defer, error
@@ -25,9 +25,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter.backends import (
+from dockerrouter.routing.backends import (
     Backend,
-    BackendResolver,
     BackendUnusable,
     ConnectTimeout,
     LookupFailed,
@@ -41,18 +40,16 @@ from dockerrouter.backends import (
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.config import Settings
-from dockerrouter.credentials import Credentials, peerCredentials, peerGroups
-from dockerrouter.errors import ErrorResponder
-from dockerrouter.budget import Budget
-from dockerrouter.logging import ConnectionRecords, RejectionLog, RouterLogger
-from dockerrouter.routing import NeedLookup
-from dockerrouter.splice import PipePool, Splicer
-from dockerrouter.visibility import Found, Missing, Viewer, look
-from dockerrouter.workers import RunsJobs, Workers
-
-if TYPE_CHECKING:
-    from dockerrouter.metrics import Buckets
+from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
+from dockerrouter.relay.errors import ErrorResponder
+from dockerrouter.relay.budget import Budget
+from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
+from dockerrouter.routing.rules import NeedLookup
+from dockerrouter.relay.settings import Settings
+from dockerrouter.relay.splice import PipePool, Splicer
+from dockerrouter.relay.stats import Histogram
+from dockerrouter.routing.visibility import Found, Missing, Viewer, look
+from dockerrouter.relay.workers import RunsJobs, Workers
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
@@ -599,8 +596,8 @@ class RouterFactory(Factory):
         # bytes from of ended relays], the most recently active last.
         self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
         # Histograms (with an observe method) that metrics may set.
-        self.durations: Optional[Buckets] = None
-        self.connectTimes: Optional[Buckets] = None
+        self.durations: Optional[Histogram] = None
+        self.connectTimes: Optional[Histogram] = None
 
     def relayed(self, connectSeconds: float, template: str = "") -> None:
         """A connection is relayed: count it, and by the socket it went to."""

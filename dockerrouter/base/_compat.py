@@ -1,6 +1,6 @@
 """
-Every place the router relies on how Twisted works inside, rather than on
-its public interfaces.
+Every place the router relies on how Twisted (or CPython's socket) works
+inside, rather than on their public interfaces.
 
 Each function here names the assumption it makes, and
 C{tests/unit/test_compat.py} checks each one against the installed Twisted,
@@ -10,7 +10,7 @@ so that an upgrade that changes one fails a test instead of a host.
 import os
 import socket
 import stat
-from typing import IO, Any, Callable, Optional, cast
+from typing import IO, Any, Callable, Optional, Union, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp, unix
@@ -18,9 +18,11 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, _ISupportsExitSignalCapturing
 from twisted.logger import FileLogObserver, LogPublisher
-from twisted.python import lockfile
+from twisted.python import lockfile, usage
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
+
+from dockerrouter.base.endpoints import bindInode
 
 
 def raiseListenErrors(service: StreamServerEndpointService) -> None:
@@ -68,12 +70,6 @@ def keepAcceptLogger(port: tcp.Port) -> None:
     C{__set__}) an instance attribute of the same name overrides.
     """
     port._logger = port._logger
-
-
-def bindInode(path: str) -> tuple[int, int]:
-    """The (device, inode) of the socket file at C{path}, just bound."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
 
 
 def guardStop(
@@ -248,3 +244,45 @@ def keepDeviceInPlace(file: Any) -> Any:
             file.rotateLength = None
             file.rotate = lambda: None  # type: ignore[method-assign]  # SIGUSR1 calls it
     return file
+
+
+def recordGivenOptions(options: usage.Options, record: Callable[[str], object]) -> None:
+    """
+    Have C{options} call C{record(name)} for each option the command line
+    gives, then handle it as before: what the command line gave wins over a
+    configuration file.
+
+    Assumes: C{usage.Options} handles each option it parses by calling
+    C{_dispatch[name](option, value)}, where each entry is a
+    C{CoerceParameter} (for C{optParameters}) or a callable (flags and
+    C{opt_} methods), all made in C{__init__}.
+    """
+    for name, handler in list(options._dispatch.items()):
+        options._dispatch[name] = _recording(name, handler, record)
+
+
+def _recording(
+    name: str,
+    handler: Union[usage.CoerceParameter, Callable[[str, str], object]],
+    record: Callable[[str], object],
+) -> Callable[[str, str], None]:
+    def dispatch(option: str, value: str) -> None:
+        record(name)
+        if isinstance(handler, usage.CoerceParameter):
+            handler.dispatch(option, value)
+        else:
+            handler(option, value)
+
+    return dispatch
+
+
+def rawAccept(sock: socket.socket) -> tuple[int, Any]:
+    """
+    Accept a connection on C{sock}: its descriptor and address, without
+    C{socket.accept}'s per-call lookups (the caller makes the socket object).
+
+    Assumes: CPython's C{socket.socket} has C{_accept}, the C method
+    C{socket.accept} wraps, which does that.
+    """
+    accepted: tuple[int, Any] = sock._accept()  # type: ignore[attr-defined]  # CPython's, undocumented
+    return accepted

@@ -17,7 +17,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from dockerrouter.logging import RouterLogger
+from dockerrouter.base.logging import RouterLogger
 
 # How often STATUS= is brought up to date (only when it changed).
 STATUS_INTERVAL = 5.0

@@ -5,26 +5,18 @@ the configuration file, and the user database answers that routing needs
 reactor thread.
 
 A rule can only say I{where} to look and I{who} the daemon there must be;
-whether the daemon reached is that one is L{dockerrouter.backends}' check,
+whether the daemon reached is that one is L{dockerrouter.routing.backends}' check,
 made on the daemon actually connected.
 """
 
 import grp
+import os
 import pwd
 from typing import Any, Callable, Optional, Union
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-
-# The default chain: systemd's runtime directory (dockerd-rootless-setuptool
-# and Podman's user socket), then where the setup tool puts the socket when
-# there is no runtime directory.
-DEFAULT_CHAIN = (
-    "/run/user/{uid}/docker.sock",
-    "/run/user/{uid}/podman/podman.sock",
-    "{home}/.docker/run/docker.sock",
-)
 
 
 @frozen
@@ -212,6 +204,24 @@ class Rule:
         return bool(self.groups) and not allGroups and self.deny is not None
 
 
+def checkTemplate(template: str) -> None:
+    """
+    A socket path template must be absolute, and fill in nothing but
+    C{{uid}}, C{{user}} and C{{home}}.
+
+    @raise ValueError: saying what is wrong.
+    """
+    try:
+        path = template.format(uid=0, user="root", home="/root")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"bad user-socket {template!r}: only {{uid}}, {{user}} and {{home}} can be "
+            f"filled in ({e!r})"
+        )
+    if not os.path.isabs(path):
+        raise ValueError(f"user-socket must be an absolute path: {template!r}")
+
+
 class RuleError(ValueError):
     """A rule of the file is wrong (the message says which and why)."""
 
@@ -228,12 +238,11 @@ def _matches(table: dict, key: str, where: str, numbers: bool) -> tuple:
     return tuple(values)
 
 
-def parseRules(tables: Any, where: Callable[[int], str], checkTemplate: Callable[[str], None]) -> tuple[Rule, ...]:
+def parseRules(tables: Any, where: Callable[[int], str]) -> tuple[Rule, ...]:
     """
     The rules of a file's C{[[rule]]} tables.
 
     @param where: the place of the rule numbered from 1, for messages.
-    @param checkTemplate: raises C{ValueError} for a bad socket template.
     @raise RuleError: naming the rule.
     """
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):

@@ -19,10 +19,11 @@ from attrs import Factory, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from dockerrouter.credentials import Credentials, peerGroups
-from dockerrouter.namespaces import outermostOwner
-from dockerrouter.routing import DEFAULT_CHAIN, Account, Lookups, NeedLookup, Rule
-from dockerrouter.visibility import Found, Missing
+from dockerrouter.routing.credentials import Credentials, peerGroups
+from dockerrouter.routing.namespaces import outermostOwner
+from dockerrouter.defaults import DEFAULT_CHAIN
+from dockerrouter.routing.rules import Account, Lookups, NeedLookup, Rule
+from dockerrouter.routing.visibility import Found, Missing
 
 SETUP_TOOL = "dockerd-rootless-setuptool.sh"
 # Where Debian's docker.io puts it (not on PATH).
@@ -758,7 +759,7 @@ def forTheUser(
     C{reason} as the client may read it.  The router looks with root's
     eyes; the client learns specifically what is wrong only when they could
     have seen it for themselves (C{sight}: the path walked with their own
-    credentials, see L{dockerrouter.visibility.look}), and only when that
+    credentials, see L{dockerrouter.routing.visibility.look}), and only when that
     agrees with what the router met: the file it opened (C{target}), or
     nothing there.  Anything else reads as one L{Concealed} sentence.
     """

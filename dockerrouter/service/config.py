@@ -4,7 +4,8 @@ The configuration file, and reloading it.
 The file is TOML with one top-level key per long command-line option
 (C{max-connections-per-user = 50}; a list for a repeatable one, C{metrics =
 ["unix:..."]}; C{true} for a flag).  What the command line gives wins over
-the file.  What the factory needs for a new connection is one L{Settings},
+the file.  What the factory needs for a new connection is one
+L{Settings<dockerrouter.relay.settings.Settings>},
 replaced whole on reload: nothing changes under a live relay, and a reload
 can't be half applied.
 """
@@ -12,35 +13,28 @@ can't be half applied.
 import os
 import re
 import tomllib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
-from attrs import frozen
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dockerrouter.cli import DEFAULT_CONFIG
-from dockerrouter.backends import (
-    Advice,
-    BackendResolver,
-    SubordinateIds,
-    findSetupTool,
-    loginDefsUidMin,
-)
-from dockerrouter.limits import connectionsFor
-from dockerrouter.routing import DEFAULT_CHAIN, Lookups, RuleError, parseRules
+from dockerrouter.base._compat import recordGivenOptions
+from dockerrouter.defaults import DEFAULT_CONFIG
+from dockerrouter.relay.limits import connectionsFor
+from dockerrouter.relay.settings import Settings
+from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
+from dockerrouter.routing.rules import Lookups, RuleError, parseRules
 
 if TYPE_CHECKING:
-    from dockerrouter.relay import RouterFactory
+    from dockerrouter.relay.protocol import RouterFactory
 
     class _ThreadedClock(IReactorTime, IReactorThreads):
         """
         A reactor as L{settingsFrom} uses it: a type only, like Twisted's own
         C{_IReactorCommon} (Python has no intersection type).
         """
-
-DEFAULT_PATH = DEFAULT_CONFIG
 
 # Options that take a restart: what the router listens on, and the in-flight
 # budget live relays hold grants of.
@@ -50,24 +44,6 @@ REPEATABLE = ("listen", "metrics", "user-socket")
 
 class ConfigError(Exception):
     """The file can't be read, does not parse, or says something invalid."""
-
-
-@frozen
-class Settings:
-    """What a new connection is handled with (and the drain's timeout)."""
-
-    resolver: BackendResolver
-    connectTimeout: float
-    maxConnections: Optional[int] = None
-    maxConnectionsPerUser: Optional[int] = None
-    shutdownTimeout: float = 10.0
-    # Users with per-user metrics series (the most recently active); 0: none.
-    usersKept: int = 0
-    # The resolver's subordinate uid ranges (re-read on SIGHUP), if routed.
-    subordinates: Optional[SubordinateIds] = None
-    # How to start a user's daemon that is not there ("systemd"), or None.
-    start: Optional[str] = None
-    startTimeout: float = 30.0
 
 
 class FileOptions(usage.Options):
@@ -85,20 +61,7 @@ class FileOptions(usage.Options):
         super().__init__()
         self.given: set[str] = set()
         self.commandLine: dict[str, Any] = {}
-        for name, handler in list(self._dispatch.items()):
-            self._dispatch[name] = self._recording(name, handler)
-
-    def _recording(
-        self, name: str, handler: Union[usage.CoerceParameter, Callable[[str, str], object]]
-    ) -> Callable[[str, str], None]:
-        def dispatch(option: str, value: str) -> None:
-            self.given.add(name)
-            if isinstance(handler, usage.CoerceParameter):
-                handler.dispatch(option, value)
-            else:
-                handler(option, value)
-
-        return dispatch
+        recordGivenOptions(self, self.given.add)
 
     def readConfigFile(self) -> None:
         """
@@ -130,22 +93,16 @@ def settingsFrom(
     options: FileOptions, reactor: "_ThreadedClock", descriptorLimit: int, warn: Callable[[str], None]
 ) -> Settings:
     """The L{Settings} that C{options} give."""
-    subordinates = None
-    if not options["no-subuid"]:
-        subordinates = SubordinateIds(
-            options["subuid-file"],
-            warn=warn,
-            clock=reactor.seconds,
-            uidMin=loginDefsUidMin(),
-            inThread=_inThreads(reactor),
-        )
+    subordinates = subordinatesFrom(
+        None if options["no-subuid"] else options["subuid-file"], warn, reactor.seconds, _inThreads(reactor)
+    )
     return Settings(
-        resolver=BackendResolver(
-            options["user-socket"] or DEFAULT_CHAIN,
-            subordinates=subordinates,
-            advice=Advice(findSetupTool(), options["advice"]),
-            rules=options["rule"],
-            lookups=Lookups(reactor.seconds, _inThreads(reactor)),
+        resolver=resolverFrom(
+            options["user-socket"],
+            subordinates,
+            options["advice"],
+            options["rule"],
+            Lookups(reactor.seconds, _inThreads(reactor)),
         ),
         connectTimeout=options["connect-timeout"],
         maxConnections=options["max-connections"] or connectionsFor(descriptorLimit),
@@ -171,7 +128,7 @@ def configPath(given: Optional[str]) -> Optional[str]:
     """The file to read: the one given, or the default one if it exists."""
     if given:
         return given
-    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
 def readFile(path: str) -> tuple[dict[str, Any], str]:
@@ -205,7 +162,7 @@ def applyFile(options: FileOptions, path: str) -> None:
         where = f"{path}, line {_lineOf(text, key)}"
         if key == "rule":
             try:
-                options["rule"] = parseRules(value, lambda n: _ruleAt(path, text, n), checkTemplate)
+                options["rule"] = parseRules(value, lambda n: _ruleAt(path, text, n))
             except RuleError as e:
                 raise ConfigError(str(e))
             continue
@@ -231,24 +188,6 @@ def applyFile(options: FileOptions, path: str) -> None:
             raise ConfigError(f"{where}: unknown option {key!r}")
         if key not in options.given:
             options[key] = value
-
-
-def checkTemplate(template: str) -> None:
-    """
-    A socket path template must be absolute, and fill in nothing but
-    C{{uid}}, C{{user}} and C{{home}}.
-
-    @raise ValueError: saying what is wrong.
-    """
-    try:
-        path = template.format(uid=0, user="root", home="/root")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"bad user-socket {template!r}: only {{uid}}, {{user}} and {{home}} can be "
-            f"filled in ({e!r})"
-        )
-    if not os.path.isabs(path):
-        raise ValueError(f"user-socket must be an absolute path: {template!r}")
 
 
 def _ruleAt(path: str, text: str, number: int) -> str:

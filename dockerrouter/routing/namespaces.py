@@ -22,7 +22,7 @@ import struct
 import time
 from typing import Optional
 
-from dockerrouter.logging import RouterLogger
+from dockerrouter.base.logging import RouterLogger
 
 log = RouterLogger()
 # Not in Python 3.11's socket module (Linux 6.5).

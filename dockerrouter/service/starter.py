@@ -13,7 +13,7 @@ a failed one, the user's next connections are answered at once for a
 cool-down; system accounts (below C{UID_MIN}) and users without a home are
 never started.  Nothing here blocks the reactor: C{systemctl} runs as a
 child process, the user database is read in a thread, and whether the
-daemon answers yet is asked in a worker (see L{dockerrouter.workers}).
+daemon answers yet is asked in a worker (see L{dockerrouter.relay.workers}).
 """
 
 import os
@@ -27,8 +27,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from dockerrouter.backends import Backend, BackendUnusable, loginDefsUidMin
-from dockerrouter.logging import RouterLogger
+from dockerrouter.routing.backends import Backend, BackendUnusable, loginDefsUidMin
+from dockerrouter.base.logging import RouterLogger
 
 # The user units that serve a Docker API socket, started when enabled.
 UNITS = ("docker.service", "podman.socket")

@@ -21,15 +21,15 @@ from prometheus_client.core import (
     Metric,
 )
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from dockerrouter import __version__
-from dockerrouter.backends import BackendUnusable
-from dockerrouter.starter import RESULTS as START_RESULTS
-from dockerrouter.web import QuietSite
+from dockerrouter.routing.backends import BackendUnusable
+from dockerrouter.service.starter import RESULTS as START_RESULTS
+from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay import RouterFactory
+    from dockerrouter.relay.protocol import RouterFactory
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.

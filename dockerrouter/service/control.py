@@ -6,7 +6,7 @@ It is root's only: the default socket is mode 0600 in a root-owned
 directory, and a Unix client that is not root is refused anyway (its
 credentials are read from the socket).  Nothing here changes the router.
 A control endpoint that can't be had is a warning, never a failure (see
-L{OptionalListener<dockerrouter.web.OptionalListener>}): several routers may
+L{OptionalListener<dockerrouter.service.web.OptionalListener>}): several routers may
 run on one host, and only one can have the default path.
 """
 
@@ -17,17 +17,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.interfaces import ISystemHandle
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
-from dockerrouter import __version__, cli
-from dockerrouter.credentials import peerCredentials
-from dockerrouter.web import QuietSite
+from dockerrouter import __version__
+from dockerrouter.routing.credentials import peerCredentials
+from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay import RouterFactory
-
-# The lock file lets a restart after a crash take over a stale socket.
-DEFAULT_CONTROL = cli.DEFAULT_CONTROL + ":mode=600:lockfile=1"
+    from dockerrouter.relay.protocol import RouterFactory
 
 
 def liveStatus(factory: "RouterFactory") -> dict[str, Any]:
