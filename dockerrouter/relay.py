@@ -29,6 +29,7 @@ from dockerrouter.backends import (
     BackendResolver,
     BackendUnusable,
     ConnectTimeout,
+    Judged,
     LookupFailed,
     NoneWorked,
     Route,
@@ -186,6 +187,7 @@ class ServerProtocol(Protocol):
     transport: Any
 
     client: Credentials
+    judged: Judged
     # The candidate being tried, then the one relayed to.
     backend: Backend
     route: Optional[Route] = None
@@ -203,9 +205,12 @@ class ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.startedAt = self.factory.reactor.seconds()
-        self.client = peerCredentials(self.transport.getHandle())
+        handle = self.transport.getHandle()
+        self.client = peerCredentials(handle)
         # Read once: a reload gives later connections other settings.
         self.settings = self.factory.settings
+        # Judged now, once: a pid looked at after a wait may be another's.
+        self.judged = self.settings.resolver.judge(self.client, handle)
         self._route()
 
     def _route(self, _: object = None) -> None:
@@ -217,7 +222,7 @@ class ServerProtocol(Protocol):
         if self._lost:
             return
         try:
-            route = self.settings.resolver.resolve(self.client, self.transport.getHandle())
+            route = self.settings.resolver.resolve(self.client, self.judged)
         except NeedLookup as waiting:
             self._wait()
             # A user database that doesn't answer holds the client no longer

@@ -39,6 +39,7 @@ from dockerrouter.control import DEFAULT_CONTROL, controlSite
 from dockerrouter.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.logging import FileLogsService, RouterLogger
 from dockerrouter.metrics import RouterMetrics
+from dockerrouter.namespaces import provable
 from dockerrouter.notify import Notifier, NotifyService
 from dockerrouter.relay import RouterFactory, answers
 from dockerrouter.reload import ReloadService
@@ -427,6 +428,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
     settings = settingsFor(options)
+    # Found out now, so that a kernel that can't prove which process holds
+    # a connection is said at start (once), not at some client's.
+    provable()
     factory = RouterFactory(
         reactor,
         settings,
