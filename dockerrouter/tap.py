@@ -142,6 +142,13 @@ class Options(FileOptions):
             "owns (their rootless container).",
         ],
         [
+            "subgid-file",
+            None,
+            "/etc/subgid",
+            "Subordinate gid ranges: a rule's group inside one is warned about "
+            "(a user namespace can give it), at start and on reload.",
+        ],
+        [
             "advice",
             None,
             None,
