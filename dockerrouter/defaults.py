@@ -27,3 +27,4 @@ DEFAULT_CHAIN = (
 
 # The subordinate uid ranges that route a user's container processes to them.
 DEFAULT_SUBUID_FILE = "/etc/subuid"
+DEFAULT_SUBGID_FILE = "/etc/subgid"

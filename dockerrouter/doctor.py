@@ -194,7 +194,8 @@ def checkChain(user: pwd.struct_passwd, resolver: BackendResolver, asRoot: bool)
     """
     try:
         with connectionAs(user) as client:
-            route = resolver.resolve(peerCredentials(client), client)
+            credentials = peerCredentials(client)
+            route = resolver.resolve(credentials, resolver.judge(credentials, client))
     except BackendUnusable as reason:
         return [Check(FAIL, "route", resolver.advice.render(reason))], False
     except (OSError, subprocess.SubprocessError) as e:

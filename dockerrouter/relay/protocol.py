@@ -29,6 +29,7 @@ from dockerrouter.routing.backends import (
     Backend,
     BackendUnusable,
     ConnectTimeout,
+    Judged,
     LookupFailed,
     NoneWorked,
     PathHung,
@@ -203,6 +204,8 @@ class ServerProtocol(Protocol):
     _startTried = False
     # The worker job this connection waits on (a connect, a look).
     _job: Optional[Deferred] = None
+    # What the kernel says of the client (see BackendResolver.judge).
+    judged: Optional[Judged] = None
 
     def connectionMade(self) -> None:
         self.startedAt = self.factory.reactor.seconds()
@@ -219,8 +222,13 @@ class ServerProtocol(Protocol):
         """
         if self._lost:
             return
+        resolver = self.settings.resolver
         try:
-            route = self.settings.resolver.resolve(self.client, self.transport.getHandle())
+            if self.judged is None:
+                # Judged once, as soon as the subordinate ranges are known
+                # (at accept, but for the router's first read of them).
+                self.judged = resolver.judge(self.client, self.transport.getHandle())
+            route = resolver.resolve(self.client, self.judged)
         except NeedLookup as waiting:
             self._wait()
             # A user database that doesn't answer holds the client no longer

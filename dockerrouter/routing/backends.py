@@ -13,14 +13,14 @@ import pwd
 import shutil
 import socket
 import stat
-from typing import Callable, ClassVar, Optional, Sequence, Union
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence, Union
 
 from attrs import Factory, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from dockerrouter.routing.credentials import Credentials, peerGroups
-from dockerrouter.routing.namespaces import outermostOwner
+from dockerrouter.routing.namespaces import ROUTERS, namespaceOf
 from dockerrouter.defaults import DEFAULT_CHAIN
 from dockerrouter.routing.rules import Account, Lookups, NeedLookup, Rule
 from dockerrouter.routing.visibility import Found, Missing
@@ -59,6 +59,28 @@ class Route:
     candidates: tuple[Backend, ...]
 
 
+class Judged(NamedTuple):
+    """
+    What the kernel says of a client, judged once, when it is accepted
+    (see L{BackendResolver.judge}): routing later uses these facts, never
+    a pid looked at again.
+
+    @ivar uid: the uid it is routed as: its own, or, for a process in a
+        user's rootless container, that user's.
+    @ivar groups: the groups it may be matched by (primary gid included):
+        only where the kernel's word is the client's own.
+    @ivar allGroups: whether C{groups} are all of them; if not, a rule by
+        group fails closed (see L{Rule.matches}).
+    """
+
+    uid: int
+    groups: frozenset[int]
+    allGroups: bool
+
+
+_NO_GROUPS: frozenset[int] = frozenset()
+
+
 class BackendResolver:
     """
     Makes the chain of candidate sockets for a client: the first rule that
@@ -70,7 +92,9 @@ class BackendResolver:
     below the router's): a real account may have a uid inside someone's
     range, and a namespace of someone else's may map it.  Such a client is
     matched by the owner's uid, and by no group (its groups are
-    subordinate ids).
+    subordinate ids).  Any client's groups count only when it runs in the
+    router's own user namespace: in one of its own, a user can map a gid
+    of their subordinate range to a group's number, or drop a group.
 
     @ivar advice: what to tell this host's users (see L{Advice}).
     """
@@ -80,7 +104,9 @@ class BackendResolver:
         templates: Union[str, Sequence[str]] = DEFAULT_CHAIN,
         lookupName: Optional[Callable[[int], str]] = None,
         subordinates: Optional["SubordinateIds"] = None,
-        namespaceOwner: Callable[[socket.socket, int], Optional[int]] = outermostOwner,
+        namespaceOf: Callable[
+            [socket.socket, Credentials, Optional[frozenset[int]]], Optional[int]
+        ] = namespaceOf,
         advice: Optional["Advice"] = None,
         rules: Sequence[Rule] = (),
         lookups: Optional[Lookups] = None,
@@ -92,7 +118,7 @@ class BackendResolver:
                 lookups = Lookups(account=lambda uid: Account(lookupName(uid)))
         self.lookups = lookups
         self._subordinates = subordinates
-        self._namespaceOwner = namespaceOwner
+        self._namespaceOf = namespaceOf
         self.advice = advice or Advice()
         self.rules = tuple(rules)
         self._needGroups = any(rule.groups for rule in self.rules)
@@ -101,32 +127,45 @@ class BackendResolver:
         # looked up anew (see L{Lookups}).
         self._routes: dict[tuple, tuple[Account, Route]] = {}
 
-    def resolve(self, client: Credentials, sock: Optional[socket.socket] = None) -> Route:
+    def judge(self, client: Credentials, sock: socket.socket) -> Judged:
         """
-        The candidates of C{client}, connected on C{sock} (without it, a
-        subordinate uid can't be proven and routes as itself, and only the
-        primary group is known).
+        What routing may trust of C{client}, connected on C{sock}: read
+        once, at accept.  Only a client whose uid is in a subordinate
+        range, or every client when rules match groups, has its namespace
+        read; for anyone else this makes no system call.
+        """
+        uid = client.uid
+        owner = self._subordinates.owner(uid) if self._subordinates is not None else uid
+        if owner == uid and not self._needGroups:
+            return Judged(uid, _NO_GROUPS, False)
+        claimed = None
+        supplementary = None
+        if self._needGroups:
+            # A client in more groups than the kernel tells (256) is judged
+            # by its primary group, and rules by group fail closed.
+            supplementary = peerGroups(sock)
+            claimed = frozenset({client.gid}) | (supplementary or _NO_GROUPS)
+        where = self._namespaceOf(sock, client, claimed)
+        if owner != uid and where == owner:
+            # A process of the owner's container: no groups on the host.
+            return Judged(owner, _NO_GROUPS, False)
+        if where == ROUTERS and claimed is not None:
+            return Judged(uid, claimed, supplementary is not None)
+        return Judged(uid, _NO_GROUPS, False)
+
+    def resolve(self, client: Credentials, judged: Optional[Judged] = None) -> Route:
+        """
+        The candidates of C{client}, as C{judged} at accept (without it,
+        the client routes as its own uid, matched by no group).
 
         @raise NeedLookup: while an answer of the user database is looked
             up (call again once it fires).
         @raise BackendUnusable: when a rule denies the client.
         """
-        uid = client.uid
-        gids: frozenset[int] = frozenset()
-        if self._subordinates is not None:
-            owner = self._subordinates.owner(uid)
-            if owner != uid and sock is not None and self._namespaceOwner(sock, client.pid) == owner:
-                uid = owner
+        if judged is None:
+            judged = Judged(client.uid, _NO_GROUPS, False)
+        uid, gids, allGroups = judged
         account = self.lookups.account(uid)
-        # A process in a user's container has no groups of its own on the
-        # host, and the kernel tells at most 256: then group rules fail closed.
-        allGroups = False
-        if uid == client.uid and self._needGroups:
-            gids = frozenset({client.gid})
-            supplementary = peerGroups(sock) if sock is not None else None
-            if supplementary is not None:
-                gids |= supplementary
-                allGroups = True
         templates, owner = self.templates, uid
         for rule in self.rules:
             if rule.matches(uid, gids, self.lookups, allGroups):

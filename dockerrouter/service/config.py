@@ -25,7 +25,8 @@ from dockerrouter.defaults import DEFAULT_CONFIG
 from dockerrouter.relay.limits import connectionsFor
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
-from dockerrouter.routing.rules import Lookups, RuleError, parseRules
+from dockerrouter.routing.backends import SubordinateIds
+from dockerrouter.routing.rules import Lookups, Rule, RuleError, gidOf, parseRules
 
 if TYPE_CHECKING:
     from dockerrouter.relay.protocol import RouterFactory
@@ -96,6 +97,7 @@ def settingsFrom(
     subordinates = subordinatesFrom(
         None if options["no-subuid"] else options["subuid-file"], warn, reactor.seconds, _inThreads(reactor)
     )
+    warnSubordinateGroups(options["rule"], options["subgid-file"], _inThreads(reactor), warn)
     return Settings(
         resolver=resolverFrom(
             options["user-socket"],
@@ -113,6 +115,41 @@ def settingsFrom(
         start=options["start"],
         startTimeout=options["start-timeout"],
     )
+
+
+def warnSubordinateGroups(
+    rules: tuple[Rule, ...], subgidFile: str, inThread: Callable[..., Any], warn: Callable[[str], None]
+) -> None:
+    """
+    Warn about each group of C{rules} whose gid lies inside a subordinate
+    gid range of C{subgidFile}: its owner's containers run with it, and
+    only a client in the router's own user namespace is matched by it.
+    Group names are looked up, and the file read, in a thread (C{inThread}):
+    a reload runs in the reactor.
+    """
+    groups = [(rule.where, group) for rule in rules for group in rule.groups]
+    if not groups:
+        return
+
+    def find() -> list[str]:
+        # Every owner's range counts here, a system account's too.
+        ranges = SubordinateIds(subgidFile, warn=lambda text: None, clock=lambda: 0.0, uidMin=0)
+        found = []
+        for where, group in groups:
+            gid = group if isinstance(group, int) else gidOf(group)
+            if gid is not None and ranges.owner(gid) != gid:
+                found.append(
+                    f"{where}: group {group} is gid {gid}, inside the subordinate gid range of "
+                    f"uid {ranges.owner(gid)} in {subgidFile}: that user's containers can run "
+                    "with it (the rule matches it only for clients in the router's own user namespace)"
+                )
+        return found
+
+    def say(found: list[str]) -> None:
+        for text in found:
+            warn(text)
+
+    inThread(find).addCallback(say)
 
 
 def _inThreads(reactor: IReactorThreads) -> Callable[..., Any]:

@@ -35,7 +35,7 @@ from dockerrouter.base._compat import (
 from dockerrouter.relay.budget import DEFAULT_PER_USER, DEFAULT_TOTAL, MiB, Budget
 from dockerrouter.base.endpoints import bindInode
 from dockerrouter.base.endpoints import unixPath as _unixPath
-from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_CONTROL, DEFAULT_LISTEN, DEFAULT_SUBUID_FILE
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_CONTROL, DEFAULT_LISTEN, DEFAULT_SUBGID_FILE, DEFAULT_SUBUID_FILE
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.rules import checkTemplate
 from dockerrouter.service.config import FileOptions, Reloader, settingsFrom
@@ -44,6 +44,7 @@ from dockerrouter.relay.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.base.logging import RouterLogger
 from dockerrouter.service.logfiles import FileLogsService
 from dockerrouter.service.metrics import RouterMetrics
+from dockerrouter.routing.namespaces import provable
 from dockerrouter.service.notify import Notifier, NotifyService
 from dockerrouter.relay.protocol import RouterFactory, answers
 from dockerrouter.service.reload import ReloadService
@@ -142,6 +143,13 @@ class Options(FileOptions):
             "Subordinate uid ranges: a uid in a user's range is routed to that "
             "user's daemon when the client runs in a user namespace the user "
             "owns (their rootless container).",
+        ],
+        [
+            "subgid-file",
+            None,
+            DEFAULT_SUBGID_FILE,
+            "Subordinate gid ranges: a rule's group inside one is warned about "
+            "(a user namespace can give it), at start and on reload.",
         ],
         [
             "advice",
@@ -428,6 +436,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return settingsFrom(options, reactor, limit, lambda text: log.warn("{message}", message=text))
 
     settings = settingsFor(options)
+    # Found out now, so that a kernel that can't prove which process holds
+    # a connection is said at start (once), not at some client's.
+    provable()
     factory = RouterFactory(
         reactor,
         settings,

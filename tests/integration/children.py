@@ -629,6 +629,41 @@ class Agent:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
         return {"pid": os.getpid()}
 
+    def op_setGroups(self, groups):
+        """Set our supplementary groups (as a namespace's root may)."""
+        os.setgroups(groups)
+        return {"groups": os.getgroups()}
+
+    def op_connectInChild(self, path):
+        """
+        Have a child connect, and keep the socket once the child has
+        exited (the connection handed on, its connector's pid free): the
+        child's pid.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        child = os.fork()
+        if child == 0:
+            try:
+                sock.connect(path)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        if not hasattr(self, "held"):
+            self.held = []
+        self.held.append(sock)
+        return {"pid": child}
+
+    def op_requestHeld(self, data, timeout=30):
+        """One whole exchange on the newest held connection, then closed."""
+        sock = self.held.pop()
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(_unb64(data))
+            sock.shutdown(socket.SHUT_WR)
+            return recvAll(sock)
+        finally:
+            sock.close()
+
     def op_becomeIds(self, uid, gid):
         """Take a uid and gid of our (mapped) user namespace."""
         os.setgroups([])

@@ -15,11 +15,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import BackendResolver, SubordinateIds, loginDefsUidMin
+from dockerrouter.routing.backends import Backend, BackendResolver, SubordinateIds, loginDefsUidMin
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
 from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.routing.namespaces import ROUTERS
 from dockerrouter.routing.rules import NeedLookup
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
@@ -261,16 +262,20 @@ class SubordinateIdTests(SynchronousTestCase):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(self.sock.close)
 
-        def namespaceOwner(sock, pid):
-            self.asked.append(pid)
-            return owners.get(pid)
+        def namespaceOf(sock, client, groups):
+            self.asked.append(client.pid)
+            return owners.get(client.pid)
 
         return BackendResolver(
             "/run/user/{uid}/{user}.sock",
             lookupName=lambda uid: {1000: "alice"}.get(uid, str(uid)),
             subordinates=self.ids,
-            namespaceOwner=namespaceOwner,
+            namespaceOf=namespaceOf,
         )
+
+    def resolve(self, resolver: BackendResolver, client: Credentials) -> Backend:
+        """The first candidate of C{client}, judged on L{sock}."""
+        return resolver.resolve(client, resolver.judge(client, self.sock)).candidates[0]
 
     def test_resolverRoutesToOwner(self) -> None:
         """
@@ -278,7 +283,7 @@ class SubordinateIdTests(SynchronousTestCase):
         reaches alice's daemon, which must run as alice.
         """
         resolver = self.resolver({1: 1000})
-        backend = resolver.resolve(Credentials(pid=1, uid=100999, gid=100999), sock=self.sock).candidates[0]
+        backend = self.resolve(resolver, Credentials(pid=1, uid=100999, gid=100999))
         self.assertEqual((backend.path, backend.uid, backend.user), ("/run/user/1000/alice.sock", 1000, "alice"))
 
     def test_resolverWithoutProof(self) -> None:
@@ -286,9 +291,9 @@ class SubordinateIdTests(SynchronousTestCase):
         Finding 12.1: a uid in alice's range, in no namespace of hers (the
         router's own, one of another user's, or no answer), routes as itself.
         """
-        resolver = self.resolver({2: None, 3: 1001})
-        for pid in (2, 3, 4):
-            backend = resolver.resolve(Credentials(pid=pid, uid=100999, gid=100999), sock=self.sock).candidates[0]
+        resolver = self.resolver({2: None, 3: 1001, 5: ROUTERS})
+        for pid in (2, 3, 4, 5):
+            backend = self.resolve(resolver, Credentials(pid=pid, uid=100999, gid=100999))
             self.assertEqual(backend.uid, 100999)
         self.assertEqual(resolver.resolve(Credentials(pid=1, uid=100999, gid=0)).candidates[0].uid, 100999)
 
@@ -298,7 +303,7 @@ class SubordinateIdTests(SynchronousTestCase):
         a uid in no range.
         """
         resolver = self.resolver({})
-        self.assertEqual(resolver.resolve(Credentials(pid=5, uid=1000, gid=0), sock=self.sock).candidates[0].uid, 1000)
+        self.assertEqual(self.resolve(resolver, Credentials(pid=5, uid=1000, gid=0)).uid, 1000)
         self.assertEqual(self.asked, [])
 
 

@@ -3,7 +3,7 @@ Rules, the default chain and the user database lookups routing needs.
 """
 
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred
@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dockerrouter.service import config
 from dockerrouter.routing.backends import Backend, BackendResolver, Denied, NoRoute, Route
 from dockerrouter.routing.credentials import Credentials
+from dockerrouter.routing.namespaces import ROUTERS
 from dockerrouter.defaults import DEFAULT_CHAIN
 from dockerrouter.routing.rules import Account, Lookups, NeedLookup, Rule, RuleError, parseRules
 from dockerrouter.service.tap import Options
@@ -84,11 +85,18 @@ class RuleTests(SynchronousTestCase):
     )
 
     def resolve(self, client: Credentials, groups: Optional[tuple[int, ...]] = (), subordinates=None,
-                rules: Optional[tuple[Rule, ...]] = None) -> Route:
+                rules: Optional[tuple[Rule, ...]] = None, where: Any = "default") -> Route:
+        """
+        Route C{client} in C{groups}, running in a namespace of
+        C{where} (by default its container's owner for a subordinate uid,
+        else the router's own).
+        """
+        if where == "default":
+            where = ROUTERS if subordinates is None else 1000
         resolver = BackendResolver(lookups=lookups(), rules=self.example if rules is None else rules,
                                    subordinates=subordinates,
-                                   namespaceOwner=lambda sock, pid: 1000)
-        return resolver.resolve(client, asSocket(FakeSocket(client, groups)))
+                                   namespaceOf=lambda sock, client, groups: where)
+        return resolver.resolve(client, resolver.judge(client, asSocket(FakeSocket(client, groups))))
 
     def test_firstMatchWins(self) -> None:
         """
@@ -116,10 +124,11 @@ class RuleTests(SynchronousTestCase):
         self.assertEqual(caught.exception.status, 403)
 
     def test_unmatchedGetsTheDefault(self) -> None:
-        resolver = BackendResolver("/x/{uid}.sock", lookups=lookups(), rules=self.example)
+        resolver = BackendResolver("/x/{uid}.sock", lookups=lookups(), rules=self.example,
+                                   namespaceOf=lambda sock, client, groups: ROUTERS)
         client = Credentials(pid=5, uid=2000, gid=2000)
         self.assertEqual(
-            resolver.resolve(client, asSocket(FakeSocket(client, (50,)))).candidates,
+            resolver.resolve(client, resolver.judge(client, asSocket(FakeSocket(client, (50,))))).candidates,
             (Backend("/x/2000.sock", 2000, "2000", 2000, "/x/{uid}.sock"),),
         )
 
@@ -169,6 +178,28 @@ class RuleTests(SynchronousTestCase):
         # The example's docker group routes to root's daemon: not on a guess.
         chain = self.resolve(ALICE, groups=None).candidates
         self.assertEqual([b.owner for b in chain], [1000, 1000])
+
+    def test_groupsOnlyInTheRoutersNamespace(self) -> None:
+        """
+        Findings 16.3 and 16.4: in a user namespace of its own (or one that
+        can't be told), a client can map a gid to a group's number, or
+        drop a group: neither its groups nor its primary gid count there,
+        so a group's route is not granted and its deny applies.
+        """
+        denyInterns = rules(
+            """
+            [[rule]]
+            group = 4343
+            deny = "Not for interns."
+            """
+        )
+        for where in (1000, 1001, None):
+            chain = self.resolve(ALICE, groups=(998,), where=where).candidates
+            self.assertEqual([b.owner for b in chain], [1000, 1000])
+            chain = self.resolve(Credentials(pid=5, uid=1000, gid=4242), where=where).candidates
+            self.assertEqual([b.owner for b in chain], [1000, 1000])
+            self.assertRaises(Denied, self.resolve, ALICE, groups=(), rules=denyInterns, where=where)
+        self.resolve(ALICE, groups=(), rules=denyInterns, where=ROUTERS)
 
     def test_unknownOwner(self) -> None:
         """An owner name the user database does not know routes nowhere."""
@@ -282,11 +313,13 @@ class LookupTests(SynchronousTestCase):
         resolver = BackendResolver(
             lookups=lookups(clock=self.clock.seconds, inThread=self.inThread),
             rules=RuleTests.example,
+            namespaceOf=lambda sock, client, groups: ROUTERS,
         )
+        judged = resolver.judge(ALICE, asSocket(FakeSocket(ALICE, (998,))))
         asked = 0
         while True:
             try:
-                route = resolver.resolve(ALICE, asSocket(FakeSocket(ALICE, (998,))))
+                route = resolver.resolve(ALICE, judged)
                 break
             except NeedLookup:
                 asked += 1
