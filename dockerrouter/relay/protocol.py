@@ -41,7 +41,7 @@ from dockerrouter.routing.backends import (
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
+from dockerrouter.routing.credentials import Credentials, peerCredentials
 from dockerrouter.relay.errors import ErrorResponder
 from dockerrouter.relay.budget import Budget
 from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
@@ -50,6 +50,7 @@ from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.splice import PipePool, Splicer
 from dockerrouter.relay.stats import Histogram
 from dockerrouter.routing.visibility import Found, Missing, Viewer, look
+from dockerrouter.relay.cached import CachedOpener, NotCached
 from dockerrouter.relay.workers import RunsJobs, Workers
 
 # How soon to try again a daemon whose listen backlog is full.
@@ -268,14 +269,23 @@ class ServerProtocol(Protocol):
 
     def _connect(self) -> None:
         """
-        Try the candidate: the look at its path runs in a worker (one of
-        the user's few), bounded by the connect timeout, while the client
-        waits paused; the result comes back to L{_reached}.  (Each attempt
-        has the whole timeout: one made just before a full backlog's
-        deadline must not read as a path that hung.)
+        Try the candidate: at once, where the kernel answers from its
+        caches without waiting (L{CachedOpener}); else the look at its path
+        runs in a worker (one of the user's few), bounded by the connect
+        timeout, while the client waits paused.  Either way the result
+        comes to L{_reached}.  (Each attempt has the whole timeout: one
+        made just before a full backlog's deadline must not read as a path
+        that hung.)
         """
         self._retry = None
         self._target = None
+        try:
+            reached = reach(self.backend, self.factory.openCached, self.factory.connectUnix)
+        except NotCached:
+            pass
+        else:
+            self._reached(reached)
+            return
         self._wait()
         self._job = self._inWorker(
             self.settings.connectTimeout,
@@ -299,6 +309,7 @@ class ServerProtocol(Protocol):
             # The daemon's listen backlog is full: wait for room, as a
             # blocking connect would, up to the connect timeout.
             if self.factory.reactor.seconds() < self._connectBy:
+                self._wait()
                 self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
             else:
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
@@ -417,6 +428,7 @@ class ServerProtocol(Protocol):
         target = self._target
         if isinstance(reason, PathHung):
             return defer.succeed(forTheUser(reason, target, None))
+        self._wait()
         self._job = self._inWorker(self.settings.connectTimeout, look, reason.backend.path, self._viewer())
 
         def told(sight: Union[Found, Missing, None]) -> BackendUnusable:
@@ -453,13 +465,15 @@ class ServerProtocol(Protocol):
         """
         Whose eyes judge what the client may be told: the client's own, or,
         for a process in a user's container (which runs as a uid of the
-        user's range), that user's, with no groups.
+        user's range), that user's, with no groups.  Groups only as judged
+        (the kernel's word, in the router's user namespace; none where no
+        rule reads them): a gid mapped in a namespace of one's own must not
+        show more than the uid could see.
         """
         if self.backend.uid != self.client.uid:
             return Viewer(self.backend.uid, frozenset())
-        # Judged by fewer groups than the client has, if the kernel won't say.
-        groups = peerGroups(self.transport.getHandle()) or frozenset()
-        return Viewer(self.client.uid, groups | {self.client.gid})
+        groups = self.judged.groups if self.judged is not None else frozenset()
+        return Viewer(self.client.uid, groups)
 
     def _relayEnded(self, failure: Optional[str]) -> None:
         """Both directions ended (C{None}), or one side failed."""
@@ -584,6 +598,8 @@ class RouterFactory(Factory):
         self.settings = settings
         self.pipes = PipePool()
         self.workers: RunsJobs = workers if workers is not None else Workers(reactor)
+        # Opens a path on the reactor where that can't wait (tests replace it).
+        self.openCached: Callable[[str], tuple[int, os.stat_result]] = CachedOpener(reactor.seconds)
         self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, cast
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import StringTransport
 
+from dockerrouter.relay.cached import NotCached
 from dockerrouter.routing.credentials import _GID, _UCRED, SO_PEERGROUPS, Credentials
 
 
@@ -93,11 +94,16 @@ class PeerTransport(StringTransport):
 def socketFile(uid: int) -> tuple[int, os.stat_result]:
     """
     What C{RouterFactory.openSocketFile} returns for a socket owned by
-    C{uid}: a real descriptor (of C{/}, which the relay's SocketFiles closes) and a
+    C{uid}: a real descriptor (of C{/}, which the relay closes) and a
     socket's C{stat}.
     """
     fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
     return fd, os.stat_result((stat.S_IFSOCK | 0o600, 1, 1, 1, uid, uid, 0, 0, 0, 0))
+
+
+def notCached(path: str) -> tuple[int, os.stat_result]:
+    """A C{RouterFactory.openCached} that sends every look to the workers."""
+    raise NotCached()
 
 
 class InlineWorkers:

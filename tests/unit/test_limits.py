@@ -22,7 +22,7 @@ from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, r
 from dockerrouter.relay.protocol import RouterFactory
 from dockerrouter.routing.namespaces import ROUTERS
 from dockerrouter.routing.rules import NeedLookup
-from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
 
 
 class CapTests(SynchronousTestCase):
@@ -41,6 +41,7 @@ class CapTests(SynchronousTestCase):
         self.factory.routerPid = lambda: -1
         self.connects: list[str] = []
         self.factory.openSocketFile = self.openSocketFile
+        self.factory.openCached = notCached
         self.factory.connectUnix = self.connectUnix
         self.opened: list[int] = []
 

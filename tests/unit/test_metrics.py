@@ -11,7 +11,7 @@ from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.service.metrics import Buckets, RouterMetrics
 from dockerrouter.relay.protocol import RouterFactory
-from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
 
 
 class PerUserTests(SynchronousTestCase):
@@ -25,6 +25,7 @@ class PerUserTests(SynchronousTestCase):
 
         def daemonOf(uid: int) -> None:
             factory.openSocketFile = lambda path: socketFile(uid)
+            factory.openCached = notCached
             factory.connectUnix = lambda path: asSocket(FakeSocket(Credentials(5000, uid, uid)))
 
         for uid in (1000, 1001, 1002, 1001):

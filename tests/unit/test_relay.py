@@ -31,7 +31,7 @@ from dockerrouter.routing.rules import Account, Lookups
 from dockerrouter.routing.visibility import Found, Missing
 from dockerrouter.relay.splice import Splicer
 from dockerrouter.service.starter import StartTimedOut
-from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
+from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
 
 ALICE = Credentials(pid=4242, uid=1000, gid=1000)
 ALICE_DAEMON = Credentials(pid=5000, uid=1000, gid=1000)
@@ -63,6 +63,7 @@ class RelayHarness(SynchronousTestCase):
         self.connectError: Optional[OSError] = None
         self.openError: Optional[OSError] = None
         self.factory.openSocketFile = self.openSocketFile
+        self.factory.openCached = notCached
         self.factory.connectUnix = self.connectUnix
         # What alice could see at her path: the socket opened (socketFile's).
         self.sight: object = Found(1, 1)
@@ -293,6 +294,56 @@ class WorkerTests(RelayHarness):
         self.assertEqual(self.factory.results["refused"], 1)
 
 
+class CachedPathTests(RelayHarness):
+    """
+    Where the kernel answers the open from its caches (the factory's
+    C{openCached}), the attempt is made on the reactor: no worker job, the
+    client never paused.  Anything else goes to a worker as before.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.workers = self.factory.workers = InlineWorkers(held=True)
+        self.factory.openCached = self.openSocketFile
+
+    def test_relayedWithoutAWorker(self) -> None:
+        server, clientTransport = self.connectClient()
+        self.assertEqual(self.workers.jobs, [])
+        self.assertEqual(self.connects, ["/run/user/1000/docker.sock"])
+        self.assertIsInstance(server._splicer, Splicer)
+
+    def test_notCachedGoesToAWorker(self) -> None:
+        self.factory.openCached = notCached
+        server, clientTransport = self.connectClient()
+        self.assertEqual(len(self.workers.jobs), 1)
+        self.assertEqual(clientTransport.producerState, "paused")
+        self.workers.finish()
+        self.assertIsInstance(server._splicer, Splicer)
+
+    def test_wrongOwnerRefusedOnTheReactor(self) -> None:
+        """The daemon check is the same, wherever the attempt was made."""
+        self.daemon = Credentials(4321, 0, 0)
+        server, clientTransport = self.connectClient()
+        self.assertIsNone(server._splicer)
+        self.assertTrue(self.daemons[0].closed)
+        self.workers.finish()  # the look for what the client may read
+        self.assertEqual(self.factory.results["wrong-owner"], 1)
+
+    def test_missingWaitsPausedForTheLook(self) -> None:
+        """
+        Nothing there (the kernel's answer): what the client may read is
+        found by a walk in a worker, while the client waits paused.
+        """
+        self.openError = FileNotFoundError(errno.ENOENT, "missing")
+        self.sight = Missing("/run/user/1000/docker.sock")
+        server, clientTransport = self.connectClient()
+        self.assertEqual(len(self.workers.jobs), 1)
+        self.assertEqual(clientTransport.producerState, "paused")
+        self.workers.finish()
+        server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
+        self.assertIn(b"503 Service Unavailable", clientTransport.value())
+
+
 class FakeStarter:
     """What the relay asks for a start: each request, and its Deferred."""
 
@@ -403,6 +454,7 @@ class DrainTests(SynchronousTestCase):
         self.factory = RouterFactory(self.reactor, Settings(BackendResolver("/x/{uid}"), 5), workers=InlineWorkers())
         self.factory.routerPid = lambda: ROUTER_PID
         self.factory.openSocketFile = lambda path: socketFile(1000)
+        self.factory.openCached = notCached
         self.factory.connectUnix = lambda path: asSocket(FakeDaemonSocket(ALICE))
 
     def relay(self) -> ServerProtocol:
@@ -456,6 +508,7 @@ class ChainTests(SynchronousTestCase):
         )
         self.factory.routerPid = lambda: ROUTER_PID
         self.factory.openSocketFile = self.openSocketFile
+        self.factory.openCached = notCached
         self.factory.connectUnix = self.connectUnix
         self.opened: list[str] = []
         self.daemons: list[FakeDaemonSocket] = []
