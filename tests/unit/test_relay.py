@@ -21,14 +21,14 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import Backend, BackendResolver, Route
+from dockerrouter.routing.backends import Backend, BackendResolver, Judged, Route
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
 from dockerrouter.relay import protocol as relay
 from dockerrouter.relay.protocol import RouterFactory, ServerProtocol
 from dockerrouter.routing.rules import Account, Lookups
-from dockerrouter.routing.visibility import Found, Missing
+from dockerrouter.routing.visibility import Found, Missing, Viewer
 from dockerrouter.relay.splice import Splicer
 from dockerrouter.service.starter import StartTimedOut
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
@@ -342,6 +342,29 @@ class CachedPathTests(RelayHarness):
         self.workers.finish()
         server.dataReceived(b"GET /version HTTP/1.1\r\n\r\n")
         self.assertIn(b"503 Service Unavailable", clientTransport.value())
+
+
+class ViewerTests(RelayHarness):
+    """
+    What the client may be told about a path is judged by the groups the
+    router trusts (see L{BackendResolver.judge}), never by the raw
+    C{SO_PEERGROUPS}: a gid mapped in a user namespace of one's own must
+    not show more than the uid could see.
+    """
+
+    def test_untrustedGroupsShowNothing(self) -> None:
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(ALICE)
+        transport.getHandle().groups = (150001,)
+        server.makeConnection(transport)
+        self.assertEqual(server.judged, Judged(1000, frozenset(), False))
+        self.assertEqual(server._viewer(), Viewer(1000, frozenset()))
+
+    def test_trustedGroups(self) -> None:
+        server, _ = self.connectClient()
+        server.judged = Judged(1000, frozenset({1000, 27}), True)
+        self.assertEqual(server._viewer(), Viewer(1000, frozenset({1000, 27})))
 
 
 class FakeStarter:
