@@ -25,15 +25,12 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter.routing.backends import (
-    Backend,
+from dockerrouter.routing.reasons import (
     BackendUnusable,
     ConnectTimeout,
-    Judged,
     LookupFailed,
     NoneWorked,
     PathHung,
-    Route,
     TooManyForUser,
     TooManyInTotal,
     checkSocketFile,
@@ -41,6 +38,8 @@ from dockerrouter.routing.backends import (
     forTheUser,
     verifyDaemon,
 )
+from dockerrouter.routing.resolver import Judged
+from dockerrouter.routing.route import Backend, Route
 from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.relay.errors import ErrorResponder
 from dockerrouter.relay.budget import Budget

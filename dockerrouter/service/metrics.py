@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from dockerrouter import __version__
-from dockerrouter.routing.backends import BackendUnusable
+from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.service.starter import RESULTS as START_RESULTS
 from dockerrouter.service.web import QuietSite
 

@@ -6,7 +6,7 @@ users, and histogram buckets counted as Prometheus means them (C{le}).
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import BackendResolver
+from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.service.metrics import Buckets, RouterMetrics

@@ -21,7 +21,8 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import Backend, BackendResolver, Route
+from dockerrouter.routing.resolver import BackendResolver
+from dockerrouter.routing.route import Backend, Route
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
