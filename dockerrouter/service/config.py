@@ -29,7 +29,7 @@ from dockerrouter.routing.subordinates import SubordinateIds
 from dockerrouter.routing.rules import Lookups, Rule, RuleError, gidOf, parseRules
 
 if TYPE_CHECKING:
-    from dockerrouter.relay.protocol import RouterFactory
+    from dockerrouter.relay.factory import RouterFactory
 
     class _ThreadedClock(IReactorTime, IReactorThreads):
         """

@@ -29,7 +29,7 @@ from dockerrouter.service.starter import RESULTS as START_RESULTS
 from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay.protocol import RouterFactory
+    from dockerrouter.relay.factory import RouterFactory
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.

@@ -18,7 +18,7 @@ from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
-from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.factory import RouterFactory
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 

@@ -10,7 +10,7 @@ from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.service.metrics import Buckets, RouterMetrics
-from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.factory import RouterFactory
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, socketFile
 
 

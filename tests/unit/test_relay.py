@@ -27,7 +27,8 @@ from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
 from dockerrouter.relay import protocol as relay
-from dockerrouter.relay.protocol import RouterFactory, ServerProtocol
+from dockerrouter.relay.factory import RouterFactory
+from dockerrouter.relay.protocol import ServerProtocol
 from dockerrouter.routing.rules import Account, Lookups
 from dockerrouter.routing.visibility import Found, Missing
 from dockerrouter.relay.splice import Splicer

@@ -23,7 +23,7 @@ from zope.interface import implementer
 from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
 from dockerrouter.relay.settings import Settings
-from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.factory import RouterFactory
 from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
 
