@@ -28,3 +28,7 @@ DEFAULT_CHAIN = (
 # The subordinate uid ranges that route a user's container processes to them.
 DEFAULT_SUBUID_FILE = "/etc/subuid"
 DEFAULT_SUBGID_FILE = "/etc/subgid"
+
+# The command that sets up a user's rootless daemon (moby's), which the
+# router's advice names.
+SETUP_TOOL = "dockerd-rootless-setuptool.sh"

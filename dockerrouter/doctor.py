@@ -22,17 +22,14 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_SUBUID_FILE
-from dockerrouter.routing.backends import (
-    SETUP_TOOL,
-    BackendResolver,
-    BackendUnusable,
-    findSetupTool,
-    locateSetupTool,
-)
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_SUBUID_FILE, SETUP_TOOL
+from dockerrouter.routing.advice import findSetupTool, locateSetupTool
+from dockerrouter.routing.reasons import BackendUnusable
+from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
 from dockerrouter.routing.credentials import peerCredentials
 from dockerrouter.routing.rules import Lookups, RuleError, checkTemplate, parseRules
+from dockerrouter.routing.subordinates import subordinateRanges
 
 # What the docker CLI uses when nothing says otherwise: the router.
 ROUTER_HOSTS = ("unix:///var/run/docker.sock", "unix:///run/docker.sock")
@@ -56,30 +53,14 @@ class Check:
         return text + (f"; fix: {self.fix}" if self.fix else "")
 
 
-def _ranges(path: str, user: pwd.struct_passwd) -> tuple[list[str], int]:
-    """The user's ranges in a subordinate id file, and the first id past every range."""
-    mine, end = [], 100000
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        fields = line.strip().split(":")
-        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
-            continue
-        start, count = int(fields[1]), int(fields[2])
-        end = max(end, start + count)
-        if fields[0] in (user.pw_name, str(user.pw_uid)):
-            mine.append(f"{start}-{start + count - 1}")
-    return mine, end
-
-
 def checkSubordinates(user: pwd.struct_passwd, etc: str = "/etc") -> list[Check]:
     checks = []
     for kind, flag in (("uid", "subuids"), ("gid", "subgids")):
         path = os.path.join(etc, f"sub{kind}")
-        mine, end = _ranges(path, user)
+        # Broken lines are the router's to warn of; here they are no range.
+        ranges = list(subordinateRanges(path, lambda warning: None))
+        mine = [f"{r.start}-{r.start + r.size - 1}" for r in ranges if r.name in (user.pw_name, str(user.pw_uid))]
+        end = max([100000] + [r.start + r.size for r in ranges])
         if mine:
             checks.append(Check(OK, f"subordinate {kind}s", f"{', '.join(mine)} in {path}"))
         else:

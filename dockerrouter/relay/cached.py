@@ -22,7 +22,7 @@ says which mount the socket is on, and only a mount whose file system type
 the file system) answers from memory (L{LOCAL}) may go on to the connect
 on the reactor.  Everything else raises L{NotCached}, and the caller hands
 the whole attempt to a worker.  What is checked and connected is the same
-as there: the file the descriptor pins (see L{dockerrouter.relay.protocol.reach}).
+as there: the file the descriptor pins (see L{dockerrouter.relay.sockets.reach}).
 """
 
 import ctypes
@@ -119,7 +119,7 @@ class CachedOpener:
         """
         A descriptor (the caller's to close) of what C{path} leads to, and
         its C{stat}, with the same meaning as
-        L{openSocketFile<dockerrouter.relay.protocol.openSocketFile>}.
+        L{openSocketFile<dockerrouter.relay.sockets.openSocketFile>}.
 
         @raise NotCached: when only a worker may look.
         @raise OSError: ENOENT or ENOTDIR, the kernel's answer from its cache.

@@ -5,7 +5,8 @@ between them.
 The L{ServerProtocol} owns the connection from start to end: it reads the
 client's credentials, holds the client's bytes in the kernel until there is
 somewhere to send them, connects to the backend, verifies the daemon it
-reached, and only then hands both sockets to a L{Splicer}, which moves the
+reached (the look at the path is L{dockerrouter.relay.sockets.reach}, in a
+worker), and only then hands both sockets to a L{Splicer}, which moves the
 bytes inside the kernel.  When the backend can't be used, an
 L{ErrorResponder} answers instead.  Where the backend is and what makes it
 acceptable is the resolver's and C{verifyDaemon}'s business; this module
@@ -13,45 +14,38 @@ knows neither paths nor users.
 """
 
 import os
-import socket
-from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence, Set, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from attrs import define
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter.routing.backends import (
-    Backend,
+from dockerrouter.base.logging import RouterLogger
+from dockerrouter.relay.errors import ErrorResponder
+from dockerrouter.relay.sockets import Reached, anyAnswers, reach
+from dockerrouter.relay.splice import Splicer
+from dockerrouter.routing.credentials import Credentials, peerCredentials
+from dockerrouter.routing.reasons import (
     BackendUnusable,
     ConnectTimeout,
-    Judged,
     LookupFailed,
     NoneWorked,
     PathHung,
-    Route,
-    TooManyForUser,
-    TooManyInTotal,
-    checkSocketFile,
-    explainConnectFailure,
     forTheUser,
     verifyDaemon,
 )
-from dockerrouter.routing.credentials import Credentials, peerCredentials
-from dockerrouter.relay.errors import ErrorResponder
-from dockerrouter.relay.budget import Budget
-from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
+from dockerrouter.routing.resolver import Judged
+from dockerrouter.routing.route import Backend, Route
 from dockerrouter.routing.rules import NeedLookup
-from dockerrouter.relay.settings import Settings
-from dockerrouter.relay.splice import PipePool, Splicer
-from dockerrouter.relay.stats import Histogram
 from dockerrouter.routing.visibility import Found, Missing, Viewer, look
-from dockerrouter.relay.cached import CachedOpener, NotCached
-from dockerrouter.relay.workers import RunsJobs, Workers
+from dockerrouter.relay.cached import NotCached
+
+if TYPE_CHECKING:
+    from dockerrouter.relay.factory import RouterFactory
+
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
@@ -60,113 +54,6 @@ _RETRY_DELAY = 0.05
 # is there.  Anything else (a daemon of the wrong uid, a loop back to the
 # router, a hung daemon) is an attack or a mistake, and is refused at once.
 _NEXT_CANDIDATE = frozenset({"missing", "refused", "not-a-socket"})
-
-
-def openSocketFile(path: str) -> tuple[int, os.stat_result]:
-    """
-    Open what C{path} leads to (following links) without opening the file
-    itself (C{O_PATH}), and C{fstat} it: the descriptor pins the file that
-    was looked at, so that the connect reaches it and nothing else.
-    """
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        return fd, os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def connectUnix(path: str) -> socket.socket:
-    """
-    Connect a non-blocking Unix stream socket to C{path}.
-
-    A Unix connect never waits: it succeeds at once, or fails at once,
-    with C{BlockingIOError} (EAGAIN) when the listener's backlog is full.
-    So this is done here rather than through Twisted's connector, which
-    would cost a transport per relay and reports EAGAIN as a hang-up.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def answers(backend: Backend) -> bool:
-    """
-    Whether a daemon accepts at C{backend}'s path now, on a socket of the
-    uid it must run as (checked first: root knocks on nothing else).  The
-    on-demand starter's question while a daemon is starting (in a worker:
-    it looks at a path the user chose).
-    """
-    reached = reach(backend, openSocketFile, connectUnix)
-    if reached.daemon is not None:
-        reached.daemon.close()
-    return reached.full or reached.daemon is not None
-
-
-def anyAnswers(candidates: Sequence[Backend]) -> bool:
-    """Whether a daemon answers at any of C{candidates} (see L{answers})."""
-    return any(answers(candidate) for candidate in candidates)
-
-
-@define
-class Reached:
-    """
-    What one attempt met at a candidate's path (see L{reach}): a connected
-    daemon and its credentials, or a full backlog, or the reason why not.
-
-    @ivar target: the file the path led to, when it could be opened.
-    """
-
-    target: Optional[os.stat_result] = None
-    daemon: Optional[socket.socket] = None
-    credentials: Optional[Credentials] = None
-    full: bool = False
-    reason: Optional[BackendUnusable] = None
-
-    def close(self) -> None:
-        """Let go of a daemon nobody wants any more (the client left)."""
-        if self.daemon is not None:
-            self.daemon.close()
-
-
-def reach(
-    backend: Backend,
-    open: Callable[[str], tuple[int, os.stat_result]],
-    connect: Callable[[str], socket.socket],
-) -> Reached:
-    """
-    The blocking part of one attempt, made in a worker: everything that
-    looks at the path the user chose.  Open what the path leads to
-    (C{open}: L{openSocketFile}), check it, connect through the
-    descriptor (C{connect}: L{connectUnix}), so that what was checked is
-    what is connected, and read the daemon's credentials.  Whether that
-    daemon may be used is the caller's to decide (L{verifyDaemon}).
-    """
-    try:
-        fd, target = open(backend.path)
-    except OSError as e:
-        return Reached(reason=explainConnectFailure(backend, e))
-    try:
-        checkSocketFile(backend, target)
-        daemon = connect(f"/proc/self/fd/{fd}")
-    except BackendUnusable as reason:
-        return Reached(target, reason=reason)
-    except BlockingIOError:
-        return Reached(target, full=True)
-    except OSError as e:
-        return Reached(target, reason=explainConnectFailure(backend, e))
-    finally:
-        os.close(fd)
-    try:
-        credentials = peerCredentials(daemon)
-    except OSError as e:
-        daemon.close()
-        return Reached(target, reason=explainConnectFailure(backend, e))
-    return Reached(target, daemon, credentials)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -553,177 +440,3 @@ class ServerProtocol(Protocol):
         """Bytes to and from Docker so far."""
         splicer = self._splicer
         return (splicer.toDocker, splicer.fromDocker) if splicer else (0, 0)
-
-
-class RouterFactory(Factory):
-    """
-    Builds a L{ServerProtocol} per client, counts the live ones against the
-    caps, and lets a shutdown wait for them.
-    """
-
-    noisy = False
-    protocol = ServerProtocol  # type: ignore[assignment]  # Factory is generic only to type checkers
-    openSocketFile = staticmethod(openSocketFile)
-    connectUnix = staticmethod(connectUnix)
-    # Starts users' daemons on demand (a Starter), used when settings.start.
-    starter: Any = None
-    _pid: Optional[int] = None
-
-    def startFactory(self) -> None:
-        # Here, not in __init__: twistd forks between the two.
-        self._pid = os.getpid()
-
-    def stopFactory(self) -> None:
-        self.records.stop()
-        self.pipes.close()
-        self.rejections.stop()
-        self.budget.stop()
-
-    def routerPid(self) -> int:
-        """This process's pid, which no backend daemon may have."""
-        return self._pid or os.getpid()
-
-    def __init__(
-        self, reactor: Any, settings: Settings, budget: Optional[Budget] = None, workers: Optional[RunsJobs] = None
-    ) -> None:
-        """
-        @param settings: what new connections are handled with (a reload
-            replaces them).
-        @param budget: the kernel memory relays may hold in flight; by
-            default L{Budget}'s defaults.
-        @param workers: the threads that look at users' paths; by default
-            L{Workers}' defaults.
-        """
-        self.reactor = reactor
-        self.settings = settings
-        self.pipes = PipePool()
-        self.workers: RunsJobs = workers if workers is not None else Workers(reactor)
-        # Opens a path on the reactor where that can't wait (tests replace it).
-        self.openCached: Callable[[str], tuple[int, os.stat_result]] = CachedOpener(reactor.seconds)
-        self.budget = budget if budget is not None else Budget(reactor)
-        self.relays: Set[ServerProtocol] = set()
-        self._perUser: dict[int, int] = {}
-        self._whenIdle: list[Deferred] = []
-        # The protocol's logger, made once (each instance's C{log} is a new
-        # Logger): the per-connection record and the refusals go through it.
-        self.recordLog = cast(RouterLogger, ServerProtocol.log)
-        self.rejections = RejectionLog(reactor, self.recordLog)
-        self.records = ConnectionRecords(reactor, self.recordLog)
-        # What metrics and status read (at scrape time, not per chunk).
-        # How connections were answered: "relayed", or a rejection's cause.
-        self.results: dict[str, int] = {"relayed": 0}
-        # Relayed connections by the configured socket path they went to.
-        self.sockets: dict[str, int] = {}
-        # Bytes to and from Docker of the relays that have ended.
-        self.endedBytes = [0, 0]
-        # Per user, when asked (settings.usersKept): uid -> [name, bytes to,
-        # bytes from of ended relays], the most recently active last.
-        self.recentUsers: "OrderedDict[int, list]" = OrderedDict()
-        # Histograms (with an observe method) that metrics may set.
-        self.durations: Optional[Histogram] = None
-        self.connectTimes: Optional[Histogram] = None
-
-    def relayed(self, connectSeconds: float, template: str = "") -> None:
-        """A connection is relayed: count it, and by the socket it went to."""
-        self.results["relayed"] += 1
-        self.sockets[template] = self.sockets.get(template, 0) + 1
-        if self.connectTimes is not None:
-            self.connectTimes.observe(connectSeconds)
-
-    def rejected(self, relay: ServerProtocol, cause: str) -> None:
-        """A connection is refused: count it, and log it (coalesced)."""
-        self.results[cause] = self.results.get(cause, 0) + 1
-        self.rejections.rejected(
-            relay.client.uid, relay.backend.user, relay.client.pid, relay.backend.path, cause
-        )
-
-    def admit(self, relay: ServerProtocol) -> None:
-        """
-        Count a new connection against its user's cap and the total cap, so
-        that no user can starve the others or the host.  One turned away is
-        not counted (it is answered at once and gone within a second), so
-        a flood over the cap can't push anyone else over the total.
-
-        @raise BackendUnusable: over a cap.
-        """
-        uid = relay.backend.uid
-        held = self._perUser.get(uid, 0)
-        settings = relay.settings
-        if settings.maxConnections is not None and len(self.relays) >= settings.maxConnections:
-            raise TooManyInTotal(relay.backend, str(settings.maxConnections))
-        if settings.maxConnectionsPerUser is not None and held >= settings.maxConnectionsPerUser:
-            raise TooManyForUser(relay.backend, str(settings.maxConnectionsPerUser))
-        self.relays.add(relay)
-        self._perUser[uid] = held + 1
-        if settings.usersKept:
-            self._recentUser(relay.backend)
-
-    def _recentUser(self, backend: Backend) -> list:
-        kept = self.recentUsers.get(backend.uid)
-        if kept is None:
-            kept = self.recentUsers[backend.uid] = [backend.user, 0, 0]
-            while len(self.recentUsers) > self.settings.usersKept:
-                self.recentUsers.popitem(last=False)
-        else:
-            self.recentUsers.move_to_end(backend.uid)
-        return kept
-
-    def usersActive(self) -> int:
-        """How many users hold live connections."""
-        return len(self._perUser)
-
-    def userConnections(self, uid: int) -> int:
-        return self._perUser.get(uid, 0)
-
-    def release(self, relay: ServerProtocol, duration: Optional[float] = None) -> None:
-        """A connection has ended: uncount it, and tell a waiting drain."""
-        if relay not in self.relays:
-            return
-        self.relays.remove(relay)
-        if duration is not None:
-            toDocker, fromDocker = relay.bytesMoved()
-            self.endedBytes[0] += toDocker
-            self.endedBytes[1] += fromDocker
-            if self.settings.usersKept:
-                kept = self._recentUser(relay.backend)
-                kept[1] += toDocker
-                kept[2] += fromDocker
-            if self.durations is not None:
-                self.durations.observe(duration)
-        uid = relay.backend.uid
-        self._perUser[uid] -= 1
-        if not self._perUser[uid]:
-            del self._perUser[uid]
-        if not self.relays:
-            waiting, self._whenIdle = self._whenIdle, []
-            for d in waiting:
-                d.callback(None)
-
-    def drain(self, timeout: float) -> Deferred:
-        """
-        Let the live relays finish for up to C{timeout} seconds, then abort
-        the rest.  Fires with how many finished and how many were aborted.
-        """
-        live = len(self.relays)
-        aborted: list[int] = [0]
-
-        def abortTheRest() -> None:
-            aborted[0] = len(self.relays)
-            for relay in list(self.relays):
-                relay.abort("aborted:shutdown")
-
-        timer = self.reactor.callLater(timeout, abortTheRest)
-        idle: Deferred = Deferred()
-        if self.relays:
-            self._whenIdle.append(idle)
-        else:
-            idle.callback(None)
-
-        def done(_: None) -> tuple[int, int]:
-            if timer.active():
-                timer.cancel()
-            # Every record before the summary of the drain.
-            self.records.flush()
-            return live - aborted[0], aborted[0]
-
-        return idle.addCallback(done)

@@ -8,7 +8,8 @@ from typing import Optional
 
 from attrs import frozen
 
-from dockerrouter.routing.backends import BackendResolver, SubordinateIds
+from dockerrouter.routing.resolver import BackendResolver
+from dockerrouter.routing.subordinates import SubordinateIds
 
 
 @frozen

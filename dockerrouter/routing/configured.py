@@ -7,13 +7,9 @@ which asks it what a user gets.
 from typing import Any, Callable, Optional, Sequence
 
 from dockerrouter.defaults import DEFAULT_CHAIN
-from dockerrouter.routing.backends import (
-    Advice,
-    BackendResolver,
-    SubordinateIds,
-    findSetupTool,
-    loginDefsUidMin,
-)
+from dockerrouter.routing.advice import Advice, findSetupTool
+from dockerrouter.routing.resolver import BackendResolver
+from dockerrouter.routing.subordinates import SubordinateIds, loginDefsUidMin
 from dockerrouter.routing.rules import Lookups, Rule
 
 

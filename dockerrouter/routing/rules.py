@@ -5,7 +5,8 @@ the configuration file, and the user database answers that routing needs
 reactor thread.
 
 A rule can only say I{where} to look and I{who} the daemon there must be;
-whether the daemon reached is that one is L{dockerrouter.routing.backends}' check,
+whether the daemon reached is that one is L{dockerrouter.routing.reasons.verifyDaemon}'s
+check,
 made on the daemon actually connected.
 """
 
@@ -204,6 +205,14 @@ class Rule:
         return bool(self.groups) and not allGroups and self.deny is not None
 
 
+def fillTemplate(template: str, uid: int, user: str, home: Optional[str]) -> str:
+    """
+    The socket path C{template} names for a user: the one place a template
+    is filled in (the resolver's candidates, and L{checkTemplate}'s trial).
+    """
+    return template.format(uid=uid, user=user, home=home)
+
+
 def checkTemplate(template: str) -> None:
     """
     A socket path template must be absolute, and fill in nothing but
@@ -212,7 +221,7 @@ def checkTemplate(template: str) -> None:
     @raise ValueError: saying what is wrong.
     """
     try:
-        path = template.format(uid=0, user="root", home="/root")
+        path = fillTemplate(template, 0, "root", "/root")
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(
             f"bad user-socket {template!r}: only {{uid}}, {{user}} and {{home}} can be "

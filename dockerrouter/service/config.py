@@ -25,11 +25,11 @@ from dockerrouter.defaults import DEFAULT_CONFIG
 from dockerrouter.relay.limits import connectionsFor
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.configured import resolverFrom, subordinatesFrom
-from dockerrouter.routing.backends import SubordinateIds
+from dockerrouter.routing.subordinates import SubordinateIds
 from dockerrouter.routing.rules import Lookups, Rule, RuleError, gidOf, parseRules
 
 if TYPE_CHECKING:
-    from dockerrouter.relay.protocol import RouterFactory
+    from dockerrouter.relay.factory import RouterFactory
 
     class _ThreadedClock(IReactorTime, IReactorThreads):
         """

@@ -24,7 +24,7 @@ from dockerrouter.routing.credentials import peerCredentials
 from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay.protocol import RouterFactory
+    from dockerrouter.relay.factory import RouterFactory
 
 
 def liveStatus(factory: "RouterFactory") -> dict[str, Any]:

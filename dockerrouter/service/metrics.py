@@ -24,12 +24,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from dockerrouter import __version__
-from dockerrouter.routing.backends import BackendUnusable
+from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.service.starter import RESULTS as START_RESULTS
 from dockerrouter.service.web import QuietSite
 
 if TYPE_CHECKING:
-    from dockerrouter.relay.protocol import RouterFactory
+    from dockerrouter.relay.factory import RouterFactory
 
 # Streams (`docker logs -f`, `docker events`, attach) last hours; a ping
 # lasts milliseconds.
@@ -107,62 +107,20 @@ class _LiveState:
         self._results = ["relayed"] + rejectionCauses()
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, read from the live state now (one method per family)."""
         factory = self._metrics.factory
-        results = CounterMetricFamily(
-            "docker_router_connections",
-            "Connections by how they were answered: relayed, or refused and why.",
-            labels=["result"],
-        )
-        for result in self._results + sorted(set(factory.results) - set(self._results)):
-            results.add_metric([result.replace("-", "_")], factory.results.get(result, 0))
-        yield results
-        sockets = CounterMetricFamily(
-            "docker_router_relayed_by_socket",
-            "Relayed connections by the configured socket path (template) they went to.",
-            labels=["socket"],
-        )
-        for template, count in sorted(factory.sockets.items()):
-            sockets.add_metric([template], count)
-        yield sockets
+        yield self._connections(factory)
+        yield self._bySocket(factory)
         yield GaugeMetricFamily(
             "docker_router_connections_active", "Live connections.", value=len(factory.relays)
         )
         yield GaugeMetricFamily(
             "docker_router_users_active", "Users with live connections.", value=factory.usersActive()
         )
-        moved = CounterMetricFamily(
-            "docker_router_bytes",
-            "Bytes relayed, open connections included.",
-            labels=["direction"],
-        )
-        toDocker, fromDocker = factory.endedBytes
-        live: dict[int, list[int]] = {}
-        for relay in factory.relays:
-            up, down = relay.bytesMoved()
-            toDocker += up
-            fromDocker += down
-            if factory.settings.usersKept:
-                counts = live.setdefault(relay.backend.uid, [0, 0])
-                counts[0] += up
-                counts[1] += down
-        moved.add_metric(["to_docker"], toDocker)
-        moved.add_metric(["from_docker"], fromDocker)
-        yield moved
-        reloads = CounterMetricFamily(
-            "docker_router_reloads", "Reloads of the configuration file.", labels=["result"]
-        )
-        for result, count in self._metrics.reloads.items():
-            reloads.add_metric([result], count)
-        yield reloads
-        starts = CounterMetricFamily(
-            "docker_router_starts",
-            "On-demand starts of users' daemons (--start) by result.",
-            labels=["result"],
-        )
-        counts = factory.starter.counts if factory.starter is not None else {}
-        for result in START_RESULTS:
-            starts.add_metric([result.replace("-", "_")], counts.get(result, 0))
-        yield starts
+        total, live = self._liveBytes(factory)
+        yield self._bytes(factory, total)
+        yield self._reloads()
+        yield self._starts(factory)
         yield self._metrics.durations.family(
             "docker_router_connection_duration_seconds",
             "How long relayed connections lasted, from accept to close.",
@@ -176,6 +134,74 @@ class _LiveState:
         yield info
         if factory.settings.usersKept:
             yield from self._perUser(factory, live)
+
+    def _connections(self, factory: "RouterFactory") -> Metric:
+        """Every known result, at zero until counted, then any other seen."""
+        results = CounterMetricFamily(
+            "docker_router_connections",
+            "Connections by how they were answered: relayed, or refused and why.",
+            labels=["result"],
+        )
+        for result in self._results + sorted(set(factory.results) - set(self._results)):
+            results.add_metric([result.replace("-", "_")], factory.results.get(result, 0))
+        return results
+
+    def _bySocket(self, factory: "RouterFactory") -> Metric:
+        sockets = CounterMetricFamily(
+            "docker_router_relayed_by_socket",
+            "Relayed connections by the configured socket path (template) they went to.",
+            labels=["socket"],
+        )
+        for template, count in sorted(factory.sockets.items()):
+            sockets.add_metric([template], count)
+        return sockets
+
+    def _liveBytes(self, factory: "RouterFactory") -> tuple[list[int], dict[int, list[int]]]:
+        """
+        Bytes to and from Docker of the live relays so far: in all, and per
+        uid when per-user series are kept.
+        """
+        total = [0, 0]
+        live: dict[int, list[int]] = {}
+        for relay in factory.relays:
+            up, down = relay.bytesMoved()
+            total[0] += up
+            total[1] += down
+            if factory.settings.usersKept:
+                counts = live.setdefault(relay.backend.uid, [0, 0])
+                counts[0] += up
+                counts[1] += down
+        return total, live
+
+    def _bytes(self, factory: "RouterFactory", live: list[int]) -> Metric:
+        """Bytes of the relays that ended, and of the live ones so far."""
+        moved = CounterMetricFamily(
+            "docker_router_bytes",
+            "Bytes relayed, open connections included.",
+            labels=["direction"],
+        )
+        moved.add_metric(["to_docker"], factory.endedBytes[0] + live[0])
+        moved.add_metric(["from_docker"], factory.endedBytes[1] + live[1])
+        return moved
+
+    def _reloads(self) -> Metric:
+        reloads = CounterMetricFamily(
+            "docker_router_reloads", "Reloads of the configuration file.", labels=["result"]
+        )
+        for result, count in self._metrics.reloads.items():
+            reloads.add_metric([result], count)
+        return reloads
+
+    def _starts(self, factory: "RouterFactory") -> Metric:
+        starts = CounterMetricFamily(
+            "docker_router_starts",
+            "On-demand starts of users' daemons (--start) by result.",
+            labels=["result"],
+        )
+        counts = factory.starter.counts if factory.starter is not None else {}
+        for result in START_RESULTS:
+            starts.add_metric([result.replace("-", "_")], counts.get(result, 0))
+        return starts
 
     def _perUser(self, factory: "RouterFactory", live: dict[int, list[int]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(

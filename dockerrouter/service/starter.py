@@ -27,7 +27,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from dockerrouter.routing.backends import Backend, BackendUnusable, loginDefsUidMin
+from dockerrouter.routing.reasons import BackendUnusable
+from dockerrouter.routing.route import Backend
+from dockerrouter.routing.subordinates import loginDefsUidMin
 from dockerrouter.base.logging import RouterLogger
 
 # The user units that serve a Docker API socket, started when enabled.

@@ -46,7 +46,8 @@ from dockerrouter.service.logfiles import FileLogsService
 from dockerrouter.service.metrics import RouterMetrics
 from dockerrouter.routing.namespaces import provable
 from dockerrouter.service.notify import Notifier, NotifyService
-from dockerrouter.relay.protocol import RouterFactory, answers
+from dockerrouter.relay.factory import RouterFactory
+from dockerrouter.relay.sockets import answers
 from dockerrouter.service.reload import ReloadService
 from dockerrouter.service.starter import Starter
 from dockerrouter.service.web import OptionalListener

@@ -11,7 +11,6 @@ setuid C{newuidmap} and C{newgidmap} map it.  A kernel without
 C{SO_PEERPIDFD} is had with an C{LD_PRELOAD} shim (C{nopeerpidfd.c}).
 """
 
-import grp
 import json
 import os
 import pwd
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import unittest
 
-from tests.integration.harness import UID_B, IntegrationTestCase, b64, lineRequest, parseResponse, pollUntil, unb64
+from tests.integration.harness import IntegrationTestCase, b64, lineRequest, parseResponse, pollUntil, unb64
 from tests.pids import spawnAtPid
 
 OWNER = "dr-ns-owner"

@@ -8,11 +8,9 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import (
-    SETUP_TOOL,
-    Advice,
-    Backend,
-    BackendResolver,
+from dockerrouter.routing.advice import Advice, findSetupTool
+from dockerrouter.defaults import SETUP_TOOL
+from dockerrouter.routing.reasons import (
     BackendUnusable,
     Concealed,
     ConnectTimeout,
@@ -27,10 +25,11 @@ from dockerrouter.routing.backends import (
     WrongOwner,
     checkSocketFile,
     explainConnectFailure,
-    findSetupTool,
     forTheUser,
     verifyDaemon,
 )
+from dockerrouter.routing.resolver import BackendResolver
+from dockerrouter.routing.route import Backend
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.routing.rules import Account, Lookups, accountOf
 from dockerrouter.routing.visibility import Found, Missing

@@ -1,12 +1,16 @@
 """
-What doctor reads of a user's files when root checks them for that user.
+What doctor reads of a user's files when root checks them for that user,
+and of the subordinate id files.
 """
 
 import os
+import pwd
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.doctor import _currentContext
+from dockerrouter.doctor import FAIL, OK, _currentContext, checkSubordinates
+
+ALICE = pwd.struct_passwd(("alice", "x", 1000, 1000, "", "/home/alice", "/bin/sh"))
 
 
 class CurrentContextTests(SynchronousTestCase):
@@ -40,3 +44,33 @@ class CurrentContextTests(SynchronousTestCase):
         with open(config, "w") as f:
             f.write('{"currentContext": ["\\u001b[2J"]}')
         self.assertIsNone(_currentContext(config))
+
+
+class SubordinateTests(SynchronousTestCase):
+    """Doctor reads C{/etc/subuid} and C{/etc/subgid} with the router's parser."""
+
+    def etc(self, subuid: str, subgid: str) -> str:
+        etc = self.mktemp()
+        os.makedirs(etc)
+        for name, text in (("subuid", subuid), ("subgid", subgid)):
+            with open(os.path.join(etc, name), "w") as f:
+                f.write(text)
+        return etc
+
+    def test_rangesTheRouterReads(self) -> None:
+        """
+        A user's ranges by name or uid; a line the router ignores (not a
+        positive range, commented out) is none of them.
+        """
+        etc = self.etc("alice:100000:65536\nalice:0:65536\nalice:200000:0\n#alice:300000:10\n", "1000:100000:65536\n")
+        uids, gids = checkSubordinates(ALICE, etc)
+        self.assertEqual((uids.status, uids.detail), (OK, f"100000-165535 in {etc}/subuid"))
+        self.assertEqual((gids.status, gids.detail), (OK, f"100000-165535 in {etc}/subgid"))
+
+    def test_noRange(self) -> None:
+        """Without a usable range, the fix offers one past every other range."""
+        etc = self.etc("bob:400000:65536\nalice:0:10\nbroken\n", "")
+        uids, gids = checkSubordinates(ALICE, etc)
+        self.assertEqual(uids.status, FAIL)
+        self.assertEqual(uids.fix, "sudo usermod --add-subuids 465536-531071 alice")
+        self.assertEqual(gids.fix, "sudo usermod --add-subgids 100000-165535 alice")

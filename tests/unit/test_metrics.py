@@ -6,11 +6,11 @@ users, and histogram buckets counted as Prometheus means them (C{le}).
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import BackendResolver
+from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.service.metrics import Buckets, RouterMetrics
-from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.factory import RouterFactory
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
 
 

@@ -21,14 +21,16 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.routing.backends import Backend, BackendResolver, Judged, Route
+from dockerrouter.routing.resolver import BackendResolver, Judged
+from dockerrouter.routing.route import Backend, Route
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
 from dockerrouter.relay import protocol as relay
-from dockerrouter.relay.protocol import RouterFactory, ServerProtocol
+from dockerrouter.relay.factory import RouterFactory
+from dockerrouter.relay.protocol import ServerProtocol
 from dockerrouter.routing.rules import Account, Lookups
-from dockerrouter.routing.visibility import Found, Missing, Viewer
+from dockerrouter.routing.visibility import Found, Missing, Viewer, look
 from dockerrouter.relay.splice import Splicer
 from dockerrouter.service.starter import StartTimedOut
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
@@ -234,6 +236,54 @@ class RelayTests(RelayHarness):
             server._relayEnded("docker:ECONNRESET")
             self.factory.records.flush()
         self.assertEqual([e["end"] for e in events], ["docker:ECONNRESET"])
+
+
+class RealLookTests(RelayHarness):
+    """
+    What the client reads, with the real walk of the path as the user
+    (L{look}, not the harness's stand-in), on real directories.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(relay, "look", look)
+        # Root's, 0700: alice (uid 1000) can't search it.
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        resolver = BackendResolver(os.path.join(self.directory, "{uid}.sock"), lookupName={1000: "alice"}.__getitem__)
+        self.factory.settings = Settings(resolver, 5)
+
+    def answer(self) -> bytes:
+        server, clientTransport = self.connectClient()
+        server.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        return clientTransport.value()
+
+    def test_hiddenReadsAsTheConcealedSentence(self) -> None:
+        """
+        A socket of the wrong owner where alice can't look: she reads the
+        one concealed sentence, not whose it is; the log keeps the cause.
+        """
+        self.daemon = Credentials(pid=1, uid=0, gid=0)
+        with capturedLogs() as events:
+            answer = self.answer()
+        self.assertIn(b"does not lead to a Docker daemon socket of this user", answer)
+        self.assertNotIn(b"uid 0", answer)
+        [warning] = [e for e in events if e["log_level"].name == "warn"]
+        self.assertEqual(warning["cause"], "wrong-owner")
+
+    def test_hiddenNothingThere(self) -> None:
+        """Nothing there, where alice can't look: the same sentence."""
+        self.openError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        answer = self.answer()
+        self.assertIn(b"does not lead to a Docker daemon socket of this user", answer)
+        self.assertNotIn(b"nothing at", answer)
+
+    def test_visibleNothingThere(self) -> None:
+        """Where alice can look for herself, she is told there is nothing there."""
+        os.chmod(self.directory, 0o755)
+        self.openError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        answer = self.answer()
+        self.assertIn(b"there is nothing at " + self.directory.encode() + b"/1000.sock", answer)
 
 
 class WorkerTests(RelayHarness):

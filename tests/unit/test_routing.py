@@ -13,7 +13,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dockerrouter.service import config
-from dockerrouter.routing.backends import Backend, BackendResolver, Denied, NoRoute, Route
+from dockerrouter.routing.reasons import Denied, NoRoute
+from dockerrouter.routing.resolver import BackendResolver
+from dockerrouter.routing.route import Backend, Route
 from dockerrouter.routing.credentials import Credentials
 from dockerrouter.routing.namespaces import ROUTERS
 from dockerrouter.defaults import DEFAULT_CHAIN

@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from dockerrouter.routing.backends import BackendResolver
+from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
 from dockerrouter.relay.settings import Settings
-from dockerrouter.relay.protocol import RouterFactory
+from dockerrouter.relay.factory import RouterFactory
 from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, queued
 
 
@@ -186,7 +186,8 @@ class RealSocketTests(TestCase):
         self.addCleanup(gc.enable)
         self.startRouter(ShortAnswer)
         client = yield defer.ensureDeferred(self.connectClient())
-        yield pollUntil(lambda: self.router.relays)
+        # Relaying, not only accepted: its splicer is made once the daemon is verified.
+        yield pollUntil(lambda: [relay for relay in self.router.relays if relay._splicer is not None])
         [relay] = self.router.relays
         refs = [weakref.ref(relay), weakref.ref(relay._splicer)]
         del relay

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.python.failure import Failure
 
 from dockerrouter.service import starter
-from dockerrouter.routing.backends import Backend
+from dockerrouter.routing.route import Backend
 from dockerrouter.service.starter import NotEnabled, StartFailed, Starter, StartTimedOut, processRunner
 
 ALICE = Backend("/run/user/1001/docker.sock", 1001, "alice")
