@@ -103,13 +103,6 @@ def probeRouter(settings: Settings, notes: list[str]) -> Optional[str]:
         notes.append(
             "- router run with --max-connections-per-user 100000 (all benchmark clients are uid 0)"
         )
-    if "--max-connections " in proc.stdout or "--max-connections=" in proc.stdout:
-        # The default total cap leaves room for a pipe each way per
-        # connection; the held connections of the concurrency scenario are
-        # idle, two descriptors each.
-        total = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2
-        settings.routerArgs += ["--max-connections", str(total)]
-        notes.append(f"- router run with --max-connections {total} (idle held connections: two descriptors each)")
     return None
 
 

@@ -2,9 +2,12 @@
 File descriptors: how many the router may have, and what it does when it
 runs out.
 
-Every relay holds two sockets (and a pipe pair per direction while bytes are
-in flight), and every client being turned away holds its socket while it is
-answered, so the descriptor limit is the router's real capacity.
+Every relay holds two sockets, and every client being turned away holds its
+socket while it is answered, so the descriptor limit is the router's real
+capacity.  Pipes (two descriptors each) are lent to directions only while
+bytes move, from a reserve of their own (L{pipesFor}); the connection cap
+is what is left, two descriptors a connection (L{connectionsFor}).  This
+module is the one place that shares the limit out.
 """
 
 import errno
@@ -18,13 +21,23 @@ from twisted.internet.interfaces import IReactorTime
 from dockerrouter.base._compat import rawAccept, replaceListeningSocket
 from dockerrouter.base.logging import RouterLogger
 
-# Descriptors kept back from the connection cap: the listening sockets, the
-# reactor, logging, the idle pipe pool and a backend connect in progress.
+# Descriptors kept back from connections and pipes: the listening sockets,
+# the reactor, logging, metrics and control, and a backend connect in
+# progress.
 _RESERVED = 100
 
-# What one relay may hold at once: its two sockets, and a pipe (two
-# descriptors) for each direction with bytes in flight.
-_PER_CONNECTION = 6
+# What one relay holds for as long as it lives: its two sockets.
+_PER_CONNECTION = 2
+
+# One pipe in the reserve for this many connections: a stalled direction
+# gives its small pipe back (it pushes the bytes into its sink's queue), so
+# pipes are held across turns of the reactor only by stalled bulk
+# transfers, at most half of them; the rest is for directions that move
+# bytes right now.
+_CONNECTIONS_PER_PIPE = 200
+
+# Never fewer pipes than this, however low the limit.
+_MIN_PIPES = 8
 
 
 def raiseDescriptorLimit() -> tuple[int, int]:
@@ -43,9 +56,19 @@ def raiseDescriptorLimit() -> tuple[int, int]:
     return soft, soft
 
 
+def pipesFor(descriptorLimit: int) -> int:
+    """How many pipes the reserve holds at most, under C{descriptorLimit}."""
+    shared = max(0, descriptorLimit - _RESERVED)
+    return max(_MIN_PIPES, shared // (_CONNECTIONS_PER_PIPE * _PER_CONNECTION + 2))
+
+
 def connectionsFor(descriptorLimit: int) -> int:
-    """How many connections fit in C{descriptorLimit} descriptors."""
-    return max(1, (descriptorLimit - _RESERVED) // _PER_CONNECTION)
+    """
+    How many connections fit in C{descriptorLimit} descriptors, besides the
+    reserved ones and the pipes' (L{pipesFor}).
+    """
+    pipes = 2 * pipesFor(descriptorLimit)
+    return max(1, (descriptorLimit - _RESERVED - pipes) // _PER_CONNECTION)
 
 
 # Descriptors an accepted client may still need once admitted: the O_PATH

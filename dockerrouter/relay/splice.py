@@ -9,8 +9,19 @@ end-of-file on as a half-close, and still pushes back: a direction reads its
 source only while its pipe is empty, so a slow reader stalls the writer in
 the kernel and the router holds at most one pipe per busy direction.
 
-Pipes are lent from a L{PipePool} while bytes are in flight and given back
-when the direction is drained, so thousands of idle connections hold none.
+Pipes are lent from a bounded L{PipePool} while bytes are in flight and
+given back when the direction is drained, so thousands of idle connections
+hold none.  A direction that finds none to spare waits for one, unread, as
+one over the byte budget stays small.  A direction whose sink is full hands
+what its small pipe holds to the sink's own queue (see L{Splicer._push}) and
+gives the pipe back, so that stalled readers hold no pipe: only bulk
+transfers keep theirs while stalled, and they may have at most half the
+pipes.
+
+A hang-up or an error on the daemon's side while the client still sends
+ends only that direction: the client's bytes can go nowhere, but the
+daemon's last output may still be queued here, and it is relayed to its end
+(see L{Splicer._cut}).  The client's going away ends the relay.
 
 What a direction may hold in flight is small (a small read into a small
 pipe, a small send buffer on its sink) unless the L{Budget} lends it the
@@ -23,6 +34,7 @@ Docker's API) costs no C{setsockopt} at all.
 import errno
 import fcntl
 import os
+import resource
 import socket
 import struct
 import termios
@@ -33,6 +45,7 @@ from zope.interface import implementer
 
 from dockerrouter.base._compat import handOverReading
 from dockerrouter.relay.budget import Budget
+from dockerrouter.relay.limits import pipesFor
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -54,39 +67,105 @@ Pipe = tuple[int, int, bool]
 
 class PipePool:
     """
-    Empty pipes to lend to directions with bytes in flight: default-sized
-    ones for small reads, big ones for bulk transfers.
+    A bounded reserve of empty pipes to lend to directions with bytes in
+    flight: default-sized ones for small reads, big ones for bulk transfers.
+
+    At most C{limit} pipes are open at once (lent or idle), so the pipes'
+    descriptors are a known share of the descriptor limit (see
+    L{dockerrouter.relay.limits}).  A direction that finds none waits: it is
+    handed the next pipe given back.  Big pipes are at most half of them,
+    and only they stay lent while their direction is stalled (see
+    L{Splicer._push}), so the other half is always there for directions
+    that need one for a moment; a bulk transfer that finds no big pipe to
+    spare takes a small one.
     """
 
-    def __init__(self, size: int = BIG, keep: int = 16) -> None:
+    def __init__(self, limit: Optional[int] = None, size: int = BIG, keep: int = 16) -> None:
+        """
+        @param limit: by default, the share of the descriptor limit that
+            L{pipesFor} gives.
+        """
+        if limit is None:
+            limit = pipesFor(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.limit = limit
         self._size = size
         self._keep = keep
         self._idle: tuple[list[Pipe], list[Pipe]] = ([], [])
+        # Pipes open, small and big: idle or lent.
+        self.open = [0, 0]
+        # Directions waiting for a pipe, in the order they asked.
+        self._waiting: dict["_Direction", None] = {}
 
-    def take(self, big: bool) -> Pipe:
-        idle = self._idle[big]
-        if idle:
-            return idle.pop()
+    @property
+    def waiting(self) -> int:
+        """How many directions wait for a pipe."""
+        return len(self._waiting)
+
+    def take(self, big: bool, waiter: "_Direction") -> Optional[Pipe]:
+        """
+        Lend a pipe (big if asked and one may be had); C{None} if there is
+        none to spare, and then C{waiter} is handed the next one given back.
+
+        @raise OSError: a new pipe could not be made.
+        """
+        if big and not self._idle[True] and self.open[True] >= self.limit // 2:
+            big = False
+        if self._idle[big]:
+            return self._idle[big].pop()
+        if sum(self.open) < self.limit:
+            return self._make(big)
+        if self._idle[not big]:
+            return self._idle[not big].pop()
+        self._waiting[waiter] = None
+        return None
+
+    def _make(self, big: bool) -> Pipe:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if big:
             try:
                 fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
             except OSError:
                 pass  # a smaller pipe only means more calls
+        self.open[big] += 1
         return r, w, big
 
     def give(self, pipe: Pipe) -> None:
-        """Take back a pipe; it must be empty."""
+        """Take back a pipe; it must be empty.  The first waiter gets it."""
+        if self._waiting:
+            waiter = next(iter(self._waiting))
+            del self._waiting[waiter]
+            waiter.given(pipe)
+            return
         idle = self._idle[pipe[2]]
         if len(idle) < self._keep:
             idle.append(pipe)
         else:
-            _closePipe(pipe)
+            self._close(pipe)
+
+    def discard(self, pipe: Pipe) -> None:
+        """
+        Take back a pipe that may still hold bytes: it is closed, never lent
+        again; a waiter gets a new one in its place.
+        """
+        self._close(pipe)
+        if self._waiting:
+            try:
+                self.give(self._make(False))
+            except OSError:
+                pass  # the next pipe given back goes to the waiter
+
+    def cancel(self, waiter: "_Direction") -> None:
+        """C{waiter} needs no pipe any more (its relay ended, or the direction)."""
+        self._waiting.pop(waiter, None)
+
+    def _close(self, pipe: Pipe) -> None:
+        _closePipe(pipe)
+        self.open[pipe[2]] -= 1
 
     def close(self) -> None:
         for idle in self._idle:
             while idle:
-                _closePipe(idle.pop())
+                self._close(idle.pop())
 
 
 def _closePipe(pipe: Pipe) -> None:
@@ -130,6 +209,10 @@ class _Direction:
         if self.count == self.swept and not self.pending:
             self.sink.splicer._shrink(self)
         self.swept = self.count
+
+    def given(self, pipe: Pipe) -> None:
+        """The L{PipePool} hands the pipe this direction waited for."""
+        self.sink.splicer._given(self, pipe)
 
 
 @implementer(IReadWriteDescriptor)
@@ -185,9 +268,14 @@ class _End:
             self.splicer._drain(self.incoming)
 
     def connectionLost(self, reason: object) -> None:
-        # The reactor saw a hang-up while we only waited to write: the peer
-        # behind this socket is gone with bytes still owed to it.
-        self.splicer._fail(self, "ConnectionLost")
+        # The reactor saw a hang-up (EPOLLHUP or EPOLLERR) while we only
+        # waited to write (read-waiting, a Unix socket's hang-up comes with
+        # EPOLLIN, and doRead reads what is left first): the peer behind this
+        # socket is gone, with bytes still owed to it, and the reactor has
+        # dropped this end.  What it sent before may still be queued here.
+        self.reading = self.writing = False
+        if self.splicer._running:
+            self.splicer._sinkFailed(self.incoming, "ConnectionLost")
 
 
 class Splicer:
@@ -226,9 +314,12 @@ class Splicer:
         self._daemon.outgoing = self._client.incoming = self._down
         self._running = False
         self._closed = False
+        # How a direction that was cut ended (see _cut): the relay's end.
+        self._cutAs: Optional[str] = None
 
     @property
     def toDocker(self) -> int:
+        """Bytes taken from the client, less any dropped by L{_cut}."""
         return self._up.count
 
     @property
@@ -263,11 +354,8 @@ class Splicer:
             if end.writing:
                 end.write(False)
         for direction in (self._up, self._down):
-            if direction.pipe is not None:
-                # It may hold bytes; never lend it again.
-                _closePipe(direction.pipe)
-                direction.pipe = None
-                direction.pending = 0
+            self._pool.cancel(direction)
+            self._dropPipe(direction)
             if direction.big:
                 self._shrink(direction)
 
@@ -309,13 +397,24 @@ class Splicer:
     def _fill(self, d: _Direction) -> None:
         if d.pipe is None:
             try:
-                d.pipe = self._pool.take(d.big)
+                d.pipe = self._pool.take(d.big, d)
             except OSError as e:
                 return self._fail(None, errno.errorcode.get(e.errno or 0, "OSError"))
+            if d.pipe is None:
+                # None to spare: leave the bytes with the source until the
+                # pool hands this direction one (see _given).
+                d.source.read(False)
+                return
         try:
             n = os.splice(d.source.fd, d.pipe[1], d.chunk, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return self._drain(d)
+        except ConnectionResetError:
+            if d.source is not self._daemon:
+                return self._fail(d.source, "ECONNRESET")
+            # The daemon closed with bytes of ours unread; the kernel says so
+            # only once everything it sent has been read: its output ended.
+            n = 0
         except OSError as e:
             return self._fail(d.source, errno.errorcode.get(e.errno or 0, "OSError"))
         if n == 0:
@@ -345,18 +444,64 @@ class Splicer:
                 # The sink is full: stop reading the source until it drains.
                 d.source.read(False)
                 d.sink.write(True)
+                if not d.pipe[2] and self._push(d):  # type: ignore[index]  # see above
+                    self._givePipe(d)
                 return
             except OSError as e:
-                return self._fail(d.sink, errno.errorcode.get(e.errno or 0, "OSError"))
+                return self._sinkFailed(d, errno.errorcode.get(e.errno or 0, "OSError"))
         if d.sink.writing:
             d.sink.write(False)
         if d.pipe is not None:
-            self._pool.give(d.pipe)
-            d.pipe = None
+            self._givePipe(d)
         if d.eof:
             self._finish(d)
         elif self._running and not d.source.reading:
             d.source.read(True)
+
+    def _push(self, d: _Direction) -> bool:
+        """
+        The sink is full with bytes still in a small pipe: let the sink's
+        queue take them all, by raising its send buffer for this one call,
+        so that the pipe can go back to the pool.  The bytes are the same
+        ones (a small read at most), waiting in the socket instead of the
+        pipe; the send buffer is small again at once, so the source is read
+        again only once the peer has read them, as before.  Say whether
+        every byte went.
+        """
+        sock = d.sink.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, queued(sock) + d.pending + SMALL)
+            try:
+                while d.pending:
+                    d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]  # a full sink's direction has a pipe
+            finally:
+                d.sized = True
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BIG if d.big else SMALL_SNDBUF)
+        except OSError:
+            return False  # kept in the pipe; a failed sink says so on its next write
+        return True
+
+    def _givePipe(self, d: _Direction) -> None:
+        """Give back C{d}'s empty pipe (the pool may hand it on at once)."""
+        pipe, d.pipe = d.pipe, None
+        assert pipe is not None and not d.pending
+        self._pool.give(pipe)
+
+    def _dropPipe(self, d: _Direction) -> None:
+        """Give back C{d}'s pipe, if any; one with bytes in it is closed."""
+        if d.pipe is None:
+            return
+        if d.pending:
+            pipe, d.pipe = d.pipe, None
+            d.pending = 0
+            self._pool.discard(pipe)
+        else:
+            self._givePipe(d)
+
+    def _given(self, d: _Direction, pipe: Pipe) -> None:
+        """The pipe C{d} waited for: read its source again."""
+        d.pipe = pipe
+        d.source.read(True)
 
     def _grow(self, d: _Direction) -> bool:
         """
@@ -404,12 +549,52 @@ class Splicer:
         if self._up.done and self._down.done:
             # Both are about to be closed, which the peers see as EOF anyway.
             self.stop()
-            self._ended(None)
+            self._ended(self._cutAs)
             return
         try:
             d.sink.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the sink is already gone; its own direction will say so
+
+    def _sinkFailed(self, d: _Direction, what: str) -> None:
+        """
+        C{d}'s sink hung up or failed: the daemon's going ends only the
+        client's direction (L{_cut}); the client's, the relay.
+        """
+        if d.sink is self._daemon:
+            self._cut(d, what)
+        else:
+            self._fail(d.sink, what)
+
+    def _cut(self, d: _Direction, what: str) -> None:
+        """
+        The daemon reads no more (it closed, or shut its reading) while the
+        client still sends: end that direction alone.  What it held is
+        dropped (and uncounted), the client's further sends fail (we shut our
+        reading, which the kernel passes on as EPIPE to the client's
+        writing, as the daemon's own socket would have), and the daemon's
+        output, which may still be queued here, is relayed to its end.
+        """
+        if not self._running or d.done:
+            return
+        if self._cutAs is None:
+            self._cutAs = f"{d.sink.name}:{what}"
+        self._pool.cancel(d)
+        d.source.read(False)
+        d.sink.write(False)
+        d.count -= d.pending
+        self._dropPipe(d)
+        try:
+            d.source.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # the client is gone too: its own direction will say so
+        d.eof = True
+        other = d.sink.outgoing
+        if not (other.pending or other.eof or other.pipe or other.source.reading):
+            # The reactor dropped the daemon's end on the hang-up: read
+            # what it left (its hang-up reads as EOF after that).
+            other.source.read(True)
+        self._finish(d)
 
     def _fail(self, end: Optional[_End], what: str) -> None:
         if not self._running:

@@ -242,7 +242,18 @@ def _serveSource(conn, conf):
     _readToEOF(conn)
 
 
+def _serveLastWords(conn, conf):
+    """
+    A program that exits while its stdin still flows: never read, write the
+    last output, close (with the client's bytes unread).
+    """
+    for chunk in pattern(conf.get("seed", 0), conf["size"]):
+        conn.sendall(chunk)
+    emit(event="sent", bytes=conf["size"])
+
+
 _MODES = {
+    "lastWords": _serveLastWords,
     "http": _serveHttp,
     "echo": _serveEcho,
     "record": _serveRecord,
@@ -569,6 +580,42 @@ class Agent:
             got += len(data)
             time.sleep(pause)
         return {"len": got}
+
+    def op_sendWhileReading(self, path, chunk=4096, pause=0.001, timeout=30):
+        """
+        Connect, send for as long as the socket takes it (stdin still
+        flowing) while reading slowly to the end; say what came and how
+        each side ended.
+        """
+        sock = _connect(path, timeout)
+        sending = {"sent": 0, "error": None}
+
+        def sender():
+            data = b"i" * 65536
+            try:
+                while True:
+                    sending["sent"] += sock.send(data)
+            except Exception as e:
+                sending["error"] = errorName(e)
+
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+        digest = hashlib.sha256()
+        got = 0
+        error = None
+        try:
+            while True:
+                data = sock.recv(chunk)
+                if not data:
+                    break
+                digest.update(data)
+                got += len(data)
+                time.sleep(pause)
+        except Exception as e:
+            error = errorName(e)
+        thread.join(timeout)
+        sock.close()
+        return {"len": got, "sha": digest.hexdigest(), "error": error, "sendError": sending["error"]}
 
     def op_recvAll(self, keep=65536, timeout=None):
         if timeout is not None:

@@ -243,3 +243,39 @@ class DeathTests(IntegrationTestCase):
         agent.kill()
         backend.waitEvent("closed", 3)
         self.router.connectionDone(agent.ready["pid"])
+
+
+class LastWordsTests(IntegrationTestCase):
+    """
+    A daemon that stops reading, writes its last output and closes while the
+    client keeps sending and reads slowly (an attached C{run -i} whose
+    program exits while stdin still flows): the client gets every byte, as
+    it does talking to the daemon directly.
+    """
+
+    SIZE = 736_000
+    RUNS = 20
+
+    def setUp(self):
+        IntegrationTestCase.setUp(self)
+        self.router = self.harness.startRouter()
+
+    def test_everyByteArrives(self):
+        backend = self.harness.startBackend(UID_A, "lastWords", seed=4, size=self.SIZE)
+        agent = self.harness.startAgent(UID_A)
+        expected = children.patternDigest(4, self.SIZE)
+        outcomes = {}
+        for name, path in (("direct", backend.path), ("router", self.router.listenPath)):
+            runs = [agent.call("sendWhileReading", path=path) for _ in range(self.RUNS)]
+            outcomes[name] = {
+                "whole": sum((r["len"], r["sha"]) == (self.SIZE, expected) for r in runs),
+                "lost": sum(self.SIZE - r["len"] for r in runs),
+                "sendErrors": sorted({r["sendError"] for r in runs}),
+            }
+        self.assertEqual(outcomes["direct"]["whole"], self.RUNS, outcomes)
+        self.assertEqual((outcomes["router"]["whole"], outcomes["router"]["lost"]), (self.RUNS, 0), outcomes)
+        # The client learns that the daemon is gone from its sends, as direct.
+        self.assertNotIn(None, outcomes["router"]["sendErrors"], outcomes)
+        done = self.router.connectionDone(agent.ready["pid"])
+        self.assertEqual(done["from_docker"], str(self.SIZE))
+        self.assertTrue(done["end"].startswith("docker:"), done)

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.credentials import Credentials
-from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, raiseDescriptorLimit
+from dockerrouter.relay.limits import HEADROOM, AcceptBackoff, connectionsFor, pipesFor, raiseDescriptorLimit
 from dockerrouter.relay.factory import RouterFactory
 from tests.unit.doubles import FakeSocket, InlineWorkers, PeerTransport, asSocket, notCached, socketFile
 
@@ -95,9 +95,18 @@ class CapTests(SynchronousTestCase):
         self.assertIn(b"its limit of 5 connections", transport.value())
 
     def test_defaultTotalFollowsDescriptors(self) -> None:
-        # Two sockets and a pipe each way: six descriptors a connection.
-        self.assertEqual(connectionsFor(20000), 3316)
+        # Two sockets a connection, beside the reserved descriptors and the
+        # pipes' reserve: 9,900 idle relays fit under 20,000.
+        self.assertGreaterEqual(connectionsFor(20000), 9900)
+        for limit in (1024, 20000, 1 << 20):
+            self.assertLessEqual(100 + 2 * pipesFor(limit) + 2 * connectionsFor(limit), limit)
         self.assertEqual(connectionsFor(10), 1)
+
+    def test_pipeReserveFollowsDescriptors(self) -> None:
+        # A share of the limit, never fewer than a few.
+        self.assertEqual(pipesFor(20000), 49)
+        self.assertEqual(pipesFor(10), 8)
+        self.assertGreater(pipesFor(1 << 20), 2000)
 
 
 class _FakePort:

@@ -3,6 +3,7 @@ The relay over real Unix sockets in this process: half-close each way and
 backpressure, which in-memory transports can't show.
 """
 
+import errno
 import gc
 import hashlib
 import os
@@ -24,7 +25,7 @@ from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.relay.budget import SWEEP_INTERVAL, Budget
 from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.factory import RouterFactory
-from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, queued
+from dockerrouter.relay.splice import GRANT, SMALL, SMALL_SNDBUF, PipePool, Splicer, queued
 
 
 @implementer(IHalfCloseableProtocol)
@@ -295,7 +296,7 @@ def sndbuf(sock: socket.socket) -> int:
 def stalled(relay) -> bool:
     """The daemon-to-client direction has stopped reading: its sink is full."""
     down = relay._splicer._down
-    return down.pending > 0 and down.source not in reactor.getReaders()
+    return down.source not in reactor.getReaders() and down.sink in reactor.getWriters()
 
 
 class BudgetTests(RealSocketTests):
@@ -323,10 +324,12 @@ class BudgetTests(RealSocketTests):
         [relay] = self.router.relays
         down = relay._splicer._down
         self.assertFalse(down.big)
-        self.assertLessEqual(down.pending, SMALL)
-        # One small read went into the client's socket whole (the kernel's
-        # count has some overhead on top).
-        self.assertLessEqual(queued(relay._splicer._client.sock), SMALL + 2 * SMALL_SNDBUF)
+        # Stalled, it holds no pipe: its last small read went into the
+        # client's socket whole, beside the first one that the default send
+        # buffer took (the kernel's count has some overhead on top): what
+        # the pipe and the socket held before.
+        self.assertIsNone(down.pipe)
+        self.assertLessEqual(queued(relay._splicer._client.sock), 2 * SMALL + 2 * SMALL_SNDBUF)
         self.assertEqual(self.router.budget.used, 0)
         client.transport.resumeProducing()
         yield client.readEnded
@@ -372,7 +375,7 @@ class BudgetTests(RealSocketTests):
         downs = [relay._splicer._down for relay in self.router.relays]
         self.assertEqual(sorted(d.big for d in downs), [False, True, True])
         [small] = [d for d in downs if not d.big]
-        self.assertLessEqual(small.pending, SMALL)
+        self.assertIsNone(small.pipe)
         self.assertEqual(self.router.budget.heldBy(os.getuid()), 2 * GRANT)
 
     @defer.inlineCallbacks
@@ -455,3 +458,239 @@ class BudgetTests(RealSocketTests):
         # With its last kept socket closed, the relay is cut loose too.
         self.assertFalse(clientEnd.splicer._running)
         self.assertIsNot(clientEnd.splicer, relay._splicer)
+
+
+def openDescriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class SplicerTests(TestCase):
+    """
+    One L{Splicer} over two socketpairs: this test holds the client's and
+    the daemon's far ends, and does to them what a client or a daemon may.
+    """
+
+    timeout = 30
+
+    def startSplicer(self, pool: Optional[PipePool] = None) -> None:
+        self.pool = pool if pool is not None else PipePool(8)
+        self.client, clientSide = socket.socketpair()
+        self.daemon, daemonSide = socket.socketpair()
+        for sock in (self.client, self.daemon, clientSide, daemonSide):
+            sock.setblocking(False)
+        self.endedAs: defer.Deferred = defer.Deferred()
+
+        def ended(why: Optional[str]) -> None:
+            # As the relay's protocol does.
+            self.splicer.close()
+            self.endedAs.callback(why)
+
+        # Sweeping for real: an ended relay keeps the client's socket, and its
+        # grant, until the client has read what the grown buffer holds.
+        budget = Budget(reactor)
+        self.addCleanup(budget.stop)
+        self.splicer = Splicer(reactor, self.pool, clientSide, daemonSide, ended, budget, os.getuid())
+        self.splicer.start()
+
+        def cleanUp() -> None:
+            self.splicer.close()
+            self.pool.close()
+            for sock in (self.client, self.daemon):
+                sock.close()
+
+        self.addCleanup(cleanUp)
+
+    def sendAll(self, sock: socket.socket, data: bytes) -> defer.Deferred:
+        """Send C{data} as the far end's writes are taken; fire with the count."""
+        sent = [0]
+
+        def more() -> bool:
+            try:
+                while sent[0] < len(data):
+                    sent[0] += sock.send(data[sent[0] : sent[0] + 65536])
+            except BlockingIOError:
+                pass
+            return sent[0] == len(data)
+
+        return pollUntil(more).addCallback(lambda _: sent[0])
+
+    def keepSending(self, sock: socket.socket) -> list:
+        """
+        Send for as long as the socket takes it (a client whose stdin still
+        flows); the list says how many bytes went and how sending ended.
+        """
+        state: list = [0, None]
+        chunk = b"i" * 65536
+
+        def send() -> None:
+            try:
+                while True:
+                    state[0] += sock.send(chunk)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                state[1] = e.errno
+                loop.stop()
+
+        loop = task.LoopingCall(send)
+        loop.start(0.005)
+
+        def stop() -> None:
+            if loop.running:
+                loop.stop()
+
+        self.addCleanup(stop)
+        return state
+
+    def readAll(self, sock: socket.socket, pause: float = 0.002) -> defer.Deferred:
+        """
+        Read to the end, slowly (a small read per turn); fire with what came
+        and how it ended (C{None}: an EOF).
+        """
+        received = bytearray()
+        end: list = []
+
+        def read() -> bool:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                end.append(e.errno)
+                return True
+            if not data:
+                end.append(None)
+                return True
+            received.extend(data)
+            return False
+
+        async def slowly() -> tuple[bytes, Optional[int]]:
+            deadline = reactor.seconds() + 20
+            while not read():
+                if reactor.seconds() > deadline:
+                    raise AssertionError(f"still reading after {len(received)} bytes")
+                await task.deferLater(reactor, pause)
+            return bytes(received), end[0]
+
+        return defer.ensureDeferred(slowly())
+
+    @defer.inlineCallbacks
+    def test_daemonClosesWhileTheClientSends(self):
+        """
+        A daemon that stops reading, writes its last output and closes,
+        while the client keeps sending and reads slowly: the client gets
+        every byte the daemon's sends took, then the end; its own sends fail
+        (as they would direct); the relay ends once the output is through,
+        saying the daemon went away, and holds no descriptor after.
+        """
+        # What the reactor may open on its first turn is not the relay's.
+        yield task.deferLater(reactor, 0)
+        before = openDescriptors()
+        self.startSplicer()
+        output = os.urandom(736_000)
+        sending = self.keepSending(self.client)
+        # The client's bytes pile up in the daemon's socket, then in the
+        # router: the daemon's end is waited on for writing only.
+        yield pollUntil(lambda: self.splicer._daemon.writing)
+        sent = yield self.sendAll(self.daemon, output)
+        self.daemon.close()
+        received, end = yield self.readAll(self.client)
+        self.assertEqual((len(received), received == output), (sent, True))
+        self.assertIn(end, (None, errno.ECONNRESET))
+        ended = yield self.endedAs
+        self.assertTrue(ended.startswith("docker:"), ended)
+        yield pollUntil(lambda: sending[1] is not None)
+        self.assertIn(sending[1], (errno.EPIPE, errno.ECONNRESET))
+        self.pool.close()
+        self.client.close()
+        # The client's socket goes at the budget's next sweep (it held a
+        # grant); nothing else is left.
+        yield pollUntil(lambda: openDescriptors() == before)
+
+    @defer.inlineCallbacks
+    def test_daemonStopsReading(self):
+        """
+        A daemon that shuts its reading (the client's direction fails with
+        EPIPE) and goes on writing: its output still reaches the client,
+        through to its half-close, and the client's sends fail.
+        """
+        self.startSplicer()
+        self.daemon.shutdown(socket.SHUT_RD)
+        sending = self.keepSending(self.client)
+        yield pollUntil(lambda: sending[1] is not None)
+        self.assertEqual(sending[1], errno.EPIPE)
+        self.assertFalse(self.endedAs.called)
+        output = os.urandom(300_000)
+        yield self.sendAll(self.daemon, output)
+        self.daemon.shutdown(socket.SHUT_WR)
+        received, end = yield self.readAll(self.client)
+        self.assertEqual((len(received), received == output), (len(output), True))
+        # The client's unread sends make its end a reset, after the bytes.
+        self.assertIn(end, (None, errno.ECONNRESET))
+        self.assertEqual((yield self.endedAs), "docker:EPIPE")
+
+    @defer.inlineCallbacks
+    def test_clientHangsUpEndsTheRelay(self):
+        """
+        The client going away while the daemon's output waits for it ends
+        the relay, as it always did.
+        """
+        self.startSplicer()
+        sending = self.keepSending(self.daemon)
+        yield pollUntil(lambda: self.splicer._client.writing)
+        self.client.close()
+        ended = yield self.endedAs
+        self.assertTrue(ended.startswith("client:"), ended)
+        yield pollUntil(lambda: sending[1] is not None)
+
+    @defer.inlineCallbacks
+    def test_aDirectionWaitsForAPipe(self):
+        """
+        With every pipe of the reserve lent, a direction with bytes to move
+        waits (its source unread) and moves them once a pipe is given back;
+        the reserve ends as full as it began.
+        """
+        pool = PipePool(1)
+        held = pool.take(False, None)
+        self.startSplicer(pool)
+        self.client.send(b"request")
+        yield pollUntil(lambda: pool.waiting)
+        self.assertFalse(self.splicer._client.reading)
+        self.assertEqual(self.splicer.toDocker, 0)
+        pool.give(held)
+        self.assertEqual(pool.waiting, 0)
+        yield pollUntil(lambda: self.splicer.toDocker == 7)
+        self.assertEqual(self.daemon.recv(100), b"request")
+        yield pollUntil(lambda: self.splicer._up.pipe is None)
+        self.assertEqual(pool.open, [1, 0])
+
+    def test_poolWaitersInOrder(self):
+        """
+        A pipe given back goes to the first direction that waited; one that
+        stops waiting gets none; a pipe that may hold bytes is replaced.
+        """
+        pool = PipePool(1)
+        self.addCleanup(pool.close)
+        got: list = []
+
+        class Waiter:
+            def __init__(self, name):
+                self.name = name
+
+            def given(self, pipe):
+                got.append((self.name, pipe))
+
+        first, second, third = Waiter("first"), Waiter("second"), Waiter("third")
+        pipe = pool.take(False, first)
+        self.assertIsNotNone(pipe)
+        self.assertIsNone(pool.take(False, first))
+        self.assertIsNone(pool.take(True, second))
+        self.assertIsNone(pool.take(False, third))
+        pool.cancel(first)
+        pool.give(pipe)
+        self.assertEqual(got, [("second", pipe)])
+        pool.discard(pipe)
+        self.assertEqual([name for name, _ in got], ["second", "third"])
+        self.assertEqual((pool.waiting, pool.open), (0, [1, 0]))
+        pool.give(got[-1][1])
+        self.assertEqual(pool.take(False, first), got[-1][1])
