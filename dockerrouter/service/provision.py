@@ -139,6 +139,10 @@ class Host:
     userUnits: str = "/usr/lib/systemd/user"
     dockerContrib: str = "/usr/share/docker.io/contrib"
     records: str = PROVISION_RECORDS
+    # The user and group databases (they may ask LDAP: in a thread).
+    account: Callable[[int], Any] = pwd.getpwuid
+    group: Callable[[str], Any] = grp.getgrnam
+    groupList: Callable[[str, int], list[int]] = os.getgrouplist
 
     def which(self, name: str) -> Optional[str]:
         return shutil.which(name, path=self.path)
@@ -184,15 +188,15 @@ def plan(backend: Backend, policy: Policy, host: Host, uidMin: int) -> Union[Pla
     if uid == 0 or uid < uidMin:
         return _refused(f"uid {uid} is a system account (below UID_MIN {uidMin})")
     try:
-        account = pwd.getpwuid(uid)
+        account = host.account(uid)
     except KeyError:
         return _refused(f"uid {uid} has no account")
     if policy.group is not None:
         try:
-            gid = grp.getgrnam(policy.group).gr_gid
+            gid = host.group(policy.group).gr_gid
         except KeyError:
             return _refused(f"the group {policy.group} that may have one set up does not exist")
-        if gid not in os.getgrouplist(account.pw_name, account.pw_gid):
+        if gid not in host.groupList(account.pw_name, account.pw_gid):
             return _refused(f"only members of the group {policy.group} have one set up")
     why = homeProblem(account.pw_dir, uid)
     if why is not None:
@@ -326,10 +330,13 @@ def readRecords(directory: str) -> dict[int, dict[str, Any]]:
 
 
 def writeRecord(directory: str, record: dict[str, Any]) -> None:
-    """Keep C{record} as C{UID.json} in the router's own (root's) directory."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    """
+    Keep C{record} as C{UID.json} in the router's own (root's) directory;
+    readable, so that the user's own C{docker-router doctor} can say it.
+    """
+    os.makedirs(directory, mode=0o755, exist_ok=True)
     path = os.path.join(directory, f"{record['uid']}.json")
-    with open(path + ".new", "w", encoding="utf-8") as f:
+    with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")
     os.replace(path + ".new", path)
