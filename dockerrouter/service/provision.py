@@ -9,8 +9,9 @@ rootless Podman's C{podman.socket}, enabled and started in the user's own
 systemd manager.  The client waits meanwhile, its bytes held in the kernel.
 
 What runs as root touches only C{/etc/subuid} and C{/etc/subgid} (through
-C{usermod}, with C{provision-subids}), the system manager (C{systemctl start
-user@UID.service}) and the router's own record (L{PROVISION_RECORDS}).
+C{usermod}, with C{provision-subids}, run by the system manager outside the
+router's sandbox), the system manager (C{systemctl start user@UID.service})
+and the router's own record (L{PROVISION_RECORDS}).
 Everything that touches the user's home or runtime directory runs as the
 user, through C{systemd-run --uid}: a user's home is theirs to booby-trap.
 
@@ -334,9 +335,12 @@ def writeRecord(directory: str, record: dict[str, Any]) -> None:
     Keep C{record} as C{UID.json} in the router's own (root's) directory;
     readable, so that the user's own C{docker-router doctor} can say it.
     """
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    os.makedirs(directory, exist_ok=True)
+    # Modes set, not asked of the umask (the unit's is 0077).
+    os.chmod(directory, 0o755)
     path = os.path.join(directory, f"{record['uid']}.json")
-    with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "w") as f:
+    with open(os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as f:
+        os.fchmod(f.fileno(), 0o644)
         json.dump(record, f, indent=1)
         f.write("\n")
     os.replace(path + ".new", path)
@@ -461,7 +465,8 @@ class Provisioner:
             raise _StepFailed(ProvisionUnmet(backend, "no free subordinate id range is left below SUB_UID_MAX "
                                              "(login.defs); ask the host's administrator to add one"))
         ids = f"{free[0]}-{free[1]}"
-        argv = [self.usermod]
+        # Run by the system manager: the router's own sandbox keeps /etc read-only.
+        argv = [self.systemdRun, "--no-ask-password", "--pipe", "--wait", "--quiet", "--collect", self.usermod]
         argv += ["--add-subuids", ids] if planned.needSubuids else []
         argv += ["--add-subgids", ids] if planned.needSubgids else []
         await self._do(backend, planned, f"add subordinate ids {ids}", argv + [planned.user])
