@@ -321,6 +321,7 @@ class Starter:
 
     def _provisioned(self, attempt: _Attempt, reason: Optional[BackendUnusable]) -> None:
         attempt.child = None
+        attempt.units = ["the daemon it set up"]
         self._finish(attempt, "started" if reason is None else "failed", reason)
 
     def _unitsStarted(self, attempt: _Attempt, result: ProcessResult) -> None:
