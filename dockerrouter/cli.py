@@ -102,6 +102,9 @@ def formatTable(status: dict[str, Any]) -> str:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:])]
         lines.append("  ".join(cells).rstrip())
+    for record in status.get("provisioned", []):
+        lines.append(f"set up by docker-router: {record['user']} (uid {record['uid']}), "
+                     f"rootless {record['kind']}, at {record['at']}")
     return "\n".join(lines) + "\n"
 
 

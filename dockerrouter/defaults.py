@@ -32,3 +32,7 @@ DEFAULT_SUBGID_FILE = "/etc/subgid"
 # The command that sets up a user's rootless daemon (moby's), which the
 # router's advice names.
 SETUP_TOOL = "dockerd-rootless-setuptool.sh"
+
+# Where the router keeps one record per user it set a daemon up for
+# (C{--provision}): root's, never in the user's home.
+PROVISION_RECORDS = "/var/lib/docker-router/provisioned"

@@ -22,7 +22,7 @@ from typing import Optional, TextIO
 
 from attrs import frozen
 
-from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_SUBUID_FILE, SETUP_TOOL
+from dockerrouter.defaults import DEFAULT_CONFIG, DEFAULT_SUBUID_FILE, PROVISION_RECORDS, SETUP_TOOL
 from dockerrouter.routing.advice import findSetupTool, locateSetupTool
 from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.routing.resolver import BackendResolver
@@ -240,6 +240,17 @@ def _startCommand(user: pwd.struct_passwd, stale: bool, asRoot: bool) -> str:
     return f"as {user.pw_name}: {command}" if asRoot else command
 
 
+def checkProvisioned(user: pwd.struct_passwd, records: str = PROVISION_RECORDS) -> list[Check]:
+    """Whether the router set this user's daemon up (--provision), and when: its record says."""
+    try:
+        with open(os.path.join(records, f"{user.pw_uid}.json"), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [Check(NOTE, "set up by docker-router", f"rootless {record.get('kind')} at {record.get('at')} "
+                  f"({', '.join(record.get('steps', []))})")]
+
+
 def _owner(uid: int) -> str:
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
@@ -368,7 +379,7 @@ def connectionAs(user: pwd.struct_passwd) -> socket.socket:
 def diagnose(user: pwd.struct_passwd, config: str, environ: Optional[dict]) -> tuple[list[Check], bool]:
     """Every check for C{user}; and whether they can use Docker."""
     asRoot = os.geteuid() != user.pw_uid
-    checks = checkSubordinates(user) + checkIdMappers() + checkSession(user)
+    checks = checkSubordinates(user) + checkIdMappers() + checkSession(user) + checkProvisioned(user)
     try:
         resolver = configuredResolver(config)
     except ConfigProblem as e:

@@ -38,8 +38,11 @@ if TYPE_CHECKING:
         """
 
 # Options that take a restart: what the router listens on, and the in-flight
-# budget live relays hold grants of.
-RESTART_ONLY = ("listen", "metrics", "control", "max-in-flight", "max-in-flight-per-user")
+# budget live relays hold grants of; and who sets up users' daemons.
+RESTART_ONLY = (
+    "listen", "metrics", "control", "max-in-flight", "max-in-flight-per-user",
+    "provision", "provision-group", "provision-subids", "provision-timeout",
+)
 REPEATABLE = ("listen", "metrics", "user-socket")
 
 
@@ -112,7 +115,8 @@ def settingsFrom(
         shutdownTimeout=options["shutdown-timeout"],
         usersKept=options["metrics-users"] if options["metrics-per-user"] else 0,
         subordinates=subordinates,
-        start=options["start"],
+        # Provisioning goes through the user's systemd manager.
+        start=options["start"] or ("systemd" if options["provision"] else None),
         startTimeout=options["start-timeout"],
     )
 
@@ -205,6 +209,8 @@ def applyFile(options: FileOptions, path: str) -> None:
             continue
         if key == "user-socket" and isinstance(value, str):
             value = [value]
+        if key == "provision" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
         if key in REPEATABLE:
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ConfigError(f"{where}: {key} must be a list of strings")

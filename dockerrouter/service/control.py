@@ -48,6 +48,7 @@ def liveStatus(factory: "RouterFactory") -> dict[str, Any]:
         entry["bytesFromDocker"] += fromDocker
         entry["oldestSeconds"] = max(entry["oldestSeconds"], now - relay.startedAt)
     listed = sorted(users.values(), key=lambda u: (-u["connections"], u["uid"]))
+    provisioner = getattr(factory.starter, "provisioner", None)
     return dict(
         version=__version__,
         pid=os.getpid(),
@@ -58,6 +59,11 @@ def liveStatus(factory: "RouterFactory") -> dict[str, Any]:
             bytesToDocker=sum(u["bytesToDocker"] for u in listed),
             bytesFromDocker=sum(u["bytesFromDocker"] for u in listed),
         ),
+        # Whom the router set a daemon up for (--provision), and when.
+        provisioned=[] if provisioner is None else [
+            dict(user=r.get("user"), uid=uid, kind=r.get("kind"), at=r.get("at"))
+            for uid, r in sorted(provisioner.records.items())
+        ],
     )
 
 

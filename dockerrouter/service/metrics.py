@@ -25,6 +25,7 @@ from twisted.web.server import Request
 
 from dockerrouter import __version__
 from dockerrouter.routing.reasons import BackendUnusable
+from dockerrouter.service.provision import RESULTS as PROVISION_RESULTS
 from dockerrouter.service.starter import RESULTS as START_RESULTS
 from dockerrouter.service.web import QuietSite
 
@@ -121,6 +122,7 @@ class _LiveState:
         yield self._bytes(factory, total)
         yield self._reloads()
         yield self._starts(factory)
+        yield self._provisions(factory)
         yield self._metrics.durations.family(
             "docker_router_connection_duration_seconds",
             "How long relayed connections lasted, from accept to close.",
@@ -202,6 +204,18 @@ class _LiveState:
         for result in START_RESULTS:
             starts.add_metric([result.replace("-", "_")], counts.get(result, 0))
         return starts
+
+    def _provisions(self, factory: "RouterFactory") -> Metric:
+        provisions = CounterMetricFamily(
+            "docker_router_provisions",
+            "Daemons set up for users who had none (--provision), by result.",
+            labels=["result"],
+        )
+        provisioner = getattr(factory.starter, "provisioner", None)
+        counts = provisioner.counts if provisioner is not None else {}
+        for result in PROVISION_RESULTS:
+            provisions.add_metric([result], counts.get(result, 0))
+        return provisions
 
     def _perUser(self, factory: "RouterFactory", live: dict[int, list[int]]) -> Iterator[Metric]:
         active = GaugeMetricFamily(

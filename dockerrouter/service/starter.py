@@ -18,7 +18,7 @@ daemon answers yet is asked in a worker (see L{dockerrouter.relay.workers}).
 
 import os
 import pwd
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -78,6 +78,16 @@ class NotEnabled(StartFailed):
         "set it up once with `{setupTool} install --force`, then "
         "`systemctl --user enable --now docker`"
     )
+
+
+class Provisions(Protocol):
+    """Sets up a user's daemon when nothing is enabled (L{dockerrouter.service.provision})."""
+
+    def provision(self, backend: Backend, ready: Callable[[], "Deferred[bool]"]) -> "Deferred[Optional[BackendUnusable]]":
+        ...
+
+    def refusal(self, backend: Backend, why: str) -> BackendUnusable:
+        ...
 
 
 class _Collect(ProcessProtocol):
@@ -160,6 +170,8 @@ class Starter:
     log = RouterLogger()
     systemctl: ClassVar[str] = "/usr/bin/systemctl"
     systemdRun: ClassVar[str] = "/usr/bin/systemd-run"
+    # With --provision: who sets up a daemon for a user with none enabled.
+    provisioner: Optional[Provisions] = None
 
     def __init__(
         self,
@@ -232,14 +244,16 @@ class Starter:
     def _refuse(self, backend: Backend, why: str) -> "Deferred[Optional[BackendUnusable]]":
         """No start for this user: say so once per cool-down."""
         self.counts["refused"] += 1
-        self._cooling[backend.uid] = (self.reactor.seconds() + self.coolDown, None)
+        # With --provision, the client hears why nothing is set up either.
+        answer = None if self.provisioner is None else self.provisioner.refusal(backend, why)
+        self._cooling[backend.uid] = (self.reactor.seconds() + self.coolDown, answer)
         self.log.info(
             "start: not starting a daemon for user {user} (uid {uid}): {why}",
             user=backend.user,
             uid=backend.uid,
             why=why,
         )
-        return defer.succeed(None)
+        return defer.succeed(answer)
 
     def _step(self, attempt: _Attempt, d: Deferred, then: Callable) -> None:
         """Wait for one step of C{attempt} (cancelled if it times out)."""
@@ -255,8 +269,7 @@ class Starter:
         backend = attempt.backend
         if home is None:
             self._cleanUp(attempt)
-            self._refuse(backend, "the user has no home directory")
-            self._answer(attempt, None)
+            self._refuse(backend, "the user has no home directory").addCallback(lambda answer: self._answer(attempt, answer))
             return
         self._step(attempt, self.run([self.systemctl, "start", f"user@{backend.uid}.service"]), self._userManager)
 
@@ -293,11 +306,23 @@ class Starter:
         out, _, _ = result
         listed = {line.split()[0] for line in out.decode("utf-8", "replace").splitlines() if line.strip()}
         units = [unit for unit in self.units if unit in listed]
+        if not units and self.provisioner is not None:
+            # Setting one up has its own deadline (--provision-timeout).
+            if attempt.timer is not None and attempt.timer.active():
+                attempt.timer.cancel()
+            attempt.timer = None
+            self._step(attempt, self.provisioner.provision(attempt.backend, attempt.ready), self._provisioned)
+            return
         if not units:
             self._finish(attempt, "not-enabled", NotEnabled(attempt.backend, " or ".join(self.units)))
             return
         attempt.units = units
         self._step(attempt, self.run(self._userCommand(attempt, "start", *units)), self._unitsStarted)
+
+    def _provisioned(self, attempt: _Attempt, reason: Optional[BackendUnusable]) -> None:
+        attempt.child = None
+        attempt.units = ["the daemon it set up"]
+        self._finish(attempt, "started" if reason is None else "failed", reason)
 
     def _unitsStarted(self, attempt: _Attempt, result: ProcessResult) -> None:
         if self._failed(attempt, result, "systemctl --user start " + " ".join(attempt.units)):

@@ -49,7 +49,8 @@ from dockerrouter.service.notify import Notifier, NotifyService
 from dockerrouter.relay.factory import RouterFactory
 from dockerrouter.relay.sockets import answers
 from dockerrouter.service.reload import ReloadService
-from dockerrouter.service.starter import Starter
+from dockerrouter.service.provision import KINDS, TIMEOUT, Policy, Provisioner
+from dockerrouter.service.starter import Starter, processRunner
 from dockerrouter.service.web import OptionalListener
 
 # Twisted's default Unix listen backlog is 50: a burst of docker CLIs (each a
@@ -75,6 +76,14 @@ def _startMode(value: str) -> str:
     if value != "systemd":
         raise ValueError(f"{value!r}: the only way to start a daemon is systemd")
     return value
+
+
+def _provisionKinds(value: str) -> tuple[str, ...]:
+    kinds = tuple(kind.strip() for kind in value.split(",") if kind.strip())
+    wrong = [kind for kind in kinds if kind not in KINDS]
+    if not kinds or wrong:
+        raise ValueError(f"{value!r}: name what to set up, in order, from {', '.join(KINDS)}")
+    return kinds
 
 
 def withBacklog(description: str) -> str:
@@ -197,10 +206,38 @@ class Options(FileOptions):
             "With --start: seconds a client waits for its daemon to answer.",
             _positive,
         ],
+        [
+            "provision",
+            None,
+            None,
+            "Set up a daemon, as the user, for a user who has none enabled: "
+            "what to set up, in order of preference (docker,podman); implies "
+            "--start systemd. [default: never]",
+            _provisionKinds,
+        ],
+        [
+            "provision-group",
+            None,
+            None,
+            "With --provision: only for members of this group.",
+        ],
+        [
+            "provision-timeout",
+            None,
+            TIMEOUT,
+            "With --provision: seconds a client waits while its daemon is set up.",
+            _positive,
+        ],
     ]
     optFlags = [
         ["no-subuid", None, "Route subordinate uids by their own number."],
         ["metrics-per-user", None, "Add per-user series to the metrics."],
+        [
+            "provision-subids",
+            None,
+            "With --provision: give a user without subordinate ids a free range "
+            "of 65536 (usermod --add-subuids --add-subgids).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -451,6 +488,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     # Always there (its counts outlive a reload); used when settings.start.
     factory.starter = Starter(reactor, lambda backend: factory.workers.run(backend.uid, answers, backend))
+    if options["provision"]:
+        factory.starter.provisioner = provisioner = Provisioner(
+            reactor,
+            processRunner(reactor),
+            Policy(options["provision"], options["provision-group"], options["provision-subids"], options["provision-timeout"]),
+        )
+        reactor.callWhenRunning(provisioner.loadRecords)
 
     def reloadSubordinates() -> "str | Deferred[str]":
         subordinates = factory.settings.subordinates

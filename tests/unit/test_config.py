@@ -75,6 +75,23 @@ class FileTests(SynchronousTestCase):
             self.parse('\nstart = "sysvinit"\n')
         self.assertIn("line 2: start: 'sysvinit': the only way to start a daemon is systemd", str(caught.exception))
 
+    def test_provision(self) -> None:
+        """provision takes a list (or a comma-separated string) in order, and implies start."""
+        options = self.parse('provision = ["podman", "docker"]\nprovision-group = "docker-users"\n'
+                             'provision-subids = true\nprovision-timeout = 90\n')
+        self.assertEqual(
+            (options["provision"], options["provision-group"], options["provision-subids"], options["provision-timeout"]),
+            (("podman", "docker"), "docker-users", True, 90.0),
+        )
+        reactor = cast("config._ThreadedClock", MemoryReactorClock())
+        self.assertEqual(config.settingsFrom(options, reactor, 1024, lambda text: None).start, "systemd")
+        self.assertEqual(self.parse("", "--provision=docker")["provision"], ("docker",))
+        self.assertIsNone(self.parse("")["provision"])
+        with self.assertRaises(UsageError) as caught:
+            self.parse('provision = ["docker", "lxc"]\n')
+        self.assertIn("line 1: provision: 'docker,lxc': name what to set up, in order, from docker, podman",
+                      str(caught.exception))
+
     def test_defaultPathOnlyWhenThere(self) -> None:
         self.patch(config, "DEFAULT_CONFIG", self.write("max-connections-per-user = 9\n"))
         options = Options()

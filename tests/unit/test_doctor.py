@@ -8,7 +8,8 @@ import pwd
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.doctor import FAIL, OK, _currentContext, checkSubordinates
+from dockerrouter.doctor import FAIL, NOTE, OK, _currentContext, checkProvisioned, checkSubordinates
+from dockerrouter.service.provision import writeRecord
 
 ALICE = pwd.struct_passwd(("alice", "x", 1000, 1000, "", "/home/alice", "/bin/sh"))
 
@@ -74,3 +75,17 @@ class SubordinateTests(SynchronousTestCase):
         self.assertEqual(uids.status, FAIL)
         self.assertEqual(uids.fix, "sudo usermod --add-subuids 465536-531071 alice")
         self.assertEqual(gids.fix, "sudo usermod --add-subgids 100000-165535 alice")
+
+
+class ProvisionedTests(SynchronousTestCase):
+    def test_recordOfTheRouter(self) -> None:
+        """doctor says the router set the user up, and when, from the router's record (the same writer)."""
+        records = self.mktemp()
+        self.assertEqual(checkProvisioned(ALICE, records), [])
+        writeRecord(records, dict(user="alice", uid=1000, kind="docker", at="2026-12-07T19:00:00+0000",
+                                  steps=["start the user's manager", "enable docker.service"]))
+        [check] = checkProvisioned(ALICE, records)
+        self.assertEqual(check.status, NOTE)
+        self.assertEqual(check.line(), "--    set up by docker-router: rootless docker at 2026-12-07T19:00:00+0000 "
+                         "(start the user's manager, enable docker.service)")
+        self.assertEqual(os.stat(os.path.join(records, "1000.json")).st_mode & 0o777, 0o644)

@@ -88,3 +88,26 @@ class StartsTests(SynchronousTestCase):
             if s.name == "docker_router_connections_total"
         }
         self.assertLessEqual({"start_failed", "start_timeout", "start_not_enabled"}, causes)
+
+
+class ProvisionsTests(SynchronousTestCase):
+    def test_provisionsByResult(self) -> None:
+        """docker_router_provisions_total has every result, zeros included; its causes are connection results."""
+        factory = RouterFactory(MemoryReactorClock(), Settings(BackendResolver("/x/{uid}"), 5), workers=InlineWorkers())
+        provisioner = type("P", (), {"counts": {"provisioned": 2, "refused": 1}})()
+        factory.starter = type("S", (), {"counts": {}, "provisioner": provisioner})()
+        metrics = RouterMetrics(factory, {"ok": 0, "error": 0})
+        samples = {
+            s.labels["result"]: s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "docker_router_provisions_total"
+        }
+        self.assertEqual(samples, {"provisioned": 2, "refused": 1, "unmet": 0, "failed": 0, "timeout": 0})
+        causes = {
+            s.labels["result"]
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "docker_router_connections_total"
+        }
+        self.assertLessEqual({"provision_refused", "provision_unmet", "provision_failed", "provision_timeout"}, causes)
