@@ -39,7 +39,7 @@ from dockerrouter.defaults import PROVISION_RECORDS
 from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.routing.route import Backend
 from dockerrouter.routing.subordinates import SubordinateRange, loginDefsUidMin, subordinateRanges
-from dockerrouter.service.starter import ProcessResult, Runner
+from dockerrouter.service.starter import Runner
 
 # What the router can set up, in its default order of preference.
 KINDS = ("docker", "podman")
