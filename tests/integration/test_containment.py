@@ -131,3 +131,26 @@ class RefusalFloodTests(ContainmentTestCase):
         self.assertEqual(loop["statuses"], {"HTTP/1.1 200 OK": 100}, router.evidence())
         self.assertLess(max(loop["times"]), 1.0, loop["times"])
         self.assertIsNone(router.process.poll(), router.evidence())
+
+
+class MetricsSiteTests(ContainmentTestCase):
+    def test_tricklingClientsDoNotStopAScrape(self):
+        """
+        One user holds 64 connections to the metrics socket, each sending a
+        byte of a request head every 20 s: another uid's scrape is served
+        at once, and the trickling connections are closed by their request
+        deadline.
+        """
+        metrics = os.path.join(self.harness.tmp, "metrics.sock")
+        router = self.harness.startRouter(args=["--metrics", "unix:%s:mode=666" % (metrics,)])
+        trickler = self.startChild("trickler", UID_A, path=metrics, count=64, interval=20)
+        started = time.monotonic()
+        scraper = self.harness.startAgent(UID_B)
+        reply = scraper.call(
+            "http", path=metrics, method="GET", url="/metrics", headers={"Connection": "close"}, timeout=10
+        )
+        self.assertEqual(reply.get("status"), 200, "%r\n%s" % (reply, router.evidence()))
+        self.assertLess(reply["elapsed"], 1.0, reply)
+        # The request deadline ends the rest well before the 60 s idle timeout.
+        index, event = trickler.waitEvent("progress", 40, start=2)
+        self.assertEqual(event["closed"], 64, (event, time.monotonic() - started))
