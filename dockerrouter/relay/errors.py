@@ -13,6 +13,7 @@ C{ECONNRESET}.
 """
 
 import json
+import socket
 from http import HTTPStatus
 
 from typing import Any, Optional
@@ -36,6 +37,43 @@ def renderError(method: bytes, version: bytes, status: int, message: str) -> byt
         "\r\n"
     ).encode("ascii")
     return head if method == b"HEAD" else head + body
+
+
+def answerAndClose(
+    # A Unix server connection (getHandle, write, loseConnection).
+    transport: Any,
+    status: int,
+    message: str,
+) -> None:
+    """
+    Answer with C{message} and close at once, for a client past its user's
+    bound of refusals being answered (see L{ErrorResponder} for the others):
+    a flood of them must not hold descriptors.  What the client has sent so
+    far is read first (and its request line answered in kind), so that a
+    client that sent its request reads the answer and a clean EOF, not a
+    reset.
+    """
+    sent = bytearray()
+    handle = transport.getHandle()
+    try:
+        while len(sent) < ErrorResponder.maxLineBytes:
+            more = handle.recv(ErrorResponder.maxLineBytes, socket.MSG_DONTWAIT)
+            if not more:
+                break
+            sent += more
+    except OSError:
+        pass  # nothing more now (EAGAIN), or gone
+    method, version = requestLine(bytes(sent))
+    transport.write(renderError(method, version, status, message))
+    transport.loseConnection()
+
+
+def requestLine(received: bytes) -> tuple[bytes, bytes]:
+    """The method and version of the request C{received} starts with (defaults where it says none)."""
+    words = received.split(b"\n", 1)[0].split()
+    method = words[0] if words else b"GET"
+    version = words[2] if len(words) == 3 else b"HTTP/1.1"
+    return method, version
 
 
 class ErrorResponder:
@@ -98,9 +136,7 @@ class ErrorResponder:
 
     def _answer(self, drainTimeout: Optional[float] = None) -> None:
         self._answered = True
-        requestLine = self._line.split(b"\n", 1)[0].split()
-        method = requestLine[0] if requestLine else b"GET"
-        version = requestLine[2] if len(requestLine) == 3 else b"HTTP/1.1"
+        method, version = requestLine(self._line)
         self._line = b""
         self._transport.write(renderError(method, version, self._status, self._message))
         self._transport.loseWriteConnection()

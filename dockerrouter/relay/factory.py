@@ -14,13 +14,13 @@ from twisted.internet.protocol import Factory
 from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
 from dockerrouter.relay.budget import Budget
 from dockerrouter.relay.cached import CachedOpener
-from dockerrouter.relay.protocol import ServerProtocol
+from dockerrouter.relay.protocol import ConnectionsFactory, ServerProtocol
 from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.sockets import connectUnix, openSocketFile
 from dockerrouter.relay.splice import PipePool
 from dockerrouter.relay.stats import Histogram
 from dockerrouter.relay.workers import RunsJobs, Workers
-from dockerrouter.routing.reasons import TooManyForUser, TooManyInTotal
+from dockerrouter.routing.reasons import BackendUnusable, TooManyForUser, TooManyInTotal
 from dockerrouter.routing.route import Backend
 
 
@@ -31,6 +31,10 @@ class RouterFactory(Factory):
     """
 
     noisy = False
+    # How many refused connections of one user may be answered at their
+    # own pace (counted, waiting for the request line) at once; the rest
+    # are answered at once.
+    refusalsPerUser = 16
     protocol = ServerProtocol  # type: ignore[assignment]  # Factory is generic only to type checkers
     openSocketFile = staticmethod(openSocketFile)
     connectUnix = staticmethod(connectUnix)
@@ -72,6 +76,8 @@ class RouterFactory(Factory):
         self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
         self._perUser: dict[int, int] = {}
+        # Of those, per user: the refused ones being answered.
+        self._refused: dict[int, Set[ServerProtocol]] = {}
         self._whenIdle: list[Deferred] = []
         # The protocol's logger, made once (each instance's C{log} is a new
         # Logger): the per-connection record and the refusals go through it.
@@ -115,6 +121,12 @@ class RouterFactory(Factory):
 
         @raise BackendUnusable: over a cap.
         """
+        self._count(relay)
+        if relay.settings.usersKept:
+            self._recentUser(relay.backend)
+
+    def _count(self, relay: ServerProtocol) -> None:
+        """Count C{relay} against the caps, or raise L{BackendUnusable}."""
         uid = relay.backend.uid
         held = self._perUser.get(uid, 0)
         settings = relay.settings
@@ -124,8 +136,30 @@ class RouterFactory(Factory):
             raise TooManyForUser(relay.backend, str(settings.maxConnectionsPerUser))
         self.relays.add(relay)
         self._perUser[uid] = held + 1
-        if settings.usersKept:
-            self._recentUser(relay.backend)
+
+    def admitRefused(self, relay: ServerProtocol) -> bool:
+        """
+        Count a refused connection while it is answered, so that a flood of
+        refused clients costs the caps, and descriptors only within them.
+        One admitted before it was refused is counted already.  One refused
+        before (denied by a rule, its lookup failed, over a cap) is counted
+        if its user has fewer than L{refusalsPerUser} being answered and
+        the caps have room; else it is not counted, and must be answered at
+        once (it is gone within a second).
+
+        @return: whether C{relay} is counted.
+        """
+        if relay in self.relays:
+            return True
+        uid = relay.backend.uid
+        if len(self._refused.get(uid, ())) >= self.refusalsPerUser:
+            return False
+        try:
+            self._count(relay)
+        except BackendUnusable:
+            return False
+        self._refused.setdefault(uid, set()).add(relay)
+        return True
 
     def _recentUser(self, backend: Backend) -> list:
         kept = self.recentUsers.get(backend.uid)
@@ -160,6 +194,11 @@ class RouterFactory(Factory):
             if self.durations is not None:
                 self.durations.observe(duration)
         uid = relay.backend.uid
+        refused = self._refused.get(uid)
+        if refused is not None and relay in refused:
+            refused.remove(relay)
+            if not refused:
+                del self._refused[uid]
         self._perUser[uid] -= 1
         if not self._perUser[uid]:
             del self._perUser[uid]
@@ -196,3 +235,8 @@ class RouterFactory(Factory):
             return live - aborted[0], aborted[0]
 
         return idle.addCallback(done)
+
+
+# What a connection needs of its factory, checked by mypy here: the protocol
+# knows the factory only by that (no import circle).
+_needs: type[ConnectionsFactory] = RouterFactory

@@ -11,10 +11,17 @@ bytes inside the kernel.  When the backend can't be used, an
 L{ErrorResponder} answers instead.  Where the backend is and what makes it
 acceptable is the resolver's and C{verifyDaemon}'s business; this module
 knows neither paths nor users.
+
+A connection is in one L{State} at a time, and waits on at most one thing
+(a Deferred or a timer).  Whatever it waits on comes back through
+L{ServerProtocol._guarded}: an exception there ends that connection, and
+only that one, the way any other end does (L{ServerProtocol._end}).
 """
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+import socket
+from enum import Enum
+from typing import Any, Callable, Optional, Protocol as TypingProtocol, Union
 
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
@@ -23,10 +30,13 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dockerrouter.base.logging import RouterLogger
-from dockerrouter.relay.errors import ErrorResponder
+from dockerrouter.base.logging import ConnectionRecords, RouterLogger
+from dockerrouter.relay.budget import Budget
+from dockerrouter.relay.errors import ErrorResponder, answerAndClose
+from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.sockets import Reached, anyAnswers, reach
-from dockerrouter.relay.splice import Splicer
+from dockerrouter.relay.splice import PipePool, Splicer
+from dockerrouter.relay.workers import RunsJobs
 from dockerrouter.routing.credentials import Credentials, peerCredentials
 from dockerrouter.routing.reasons import (
     BackendUnusable,
@@ -43,9 +53,6 @@ from dockerrouter.routing.rules import NeedLookup
 from dockerrouter.routing.visibility import Found, Missing, Viewer, look
 from dockerrouter.relay.cached import NotCached
 
-if TYPE_CHECKING:
-    from dockerrouter.relay.factory import RouterFactory
-
 
 # How soon to try again a daemon whose listen backlog is full.
 _RETRY_DELAY = 0.05
@@ -54,6 +61,54 @@ _RETRY_DELAY = 0.05
 # is there.  Anything else (a daemon of the wrong uid, a loop back to the
 # router, a hung daemon) is an attack or a mistake, and is refused at once.
 _NEXT_CANDIDATE = frozenset({"missing", "refused", "not-a-socket"})
+
+
+class State(Enum):
+    """Where a connection is in its life, and what it waits on there."""
+
+    # Its chain is being found (a name looked up in a thread): not counted.
+    RESOLVING = "resolving"
+    # Counted; a candidate is being reached, or what the client may be told
+    # of one is being looked at (a worker job).
+    CONNECTING = "connecting"
+    # The daemon's listen backlog is full: a retry is due (a timer).
+    WAITING_FOR_BACKLOG = "waiting-for-backlog"
+    # Its daemon is being started on demand (the starter's Deferred).
+    STARTING = "starting"
+    # Refused: the L{ErrorResponder} answers it.
+    ANSWERING = "answering"
+    # The L{Splicer} has both sockets.
+    RELAYING = "relaying"
+    ENDED = "ended"
+
+
+class ConnectionsFactory(TypingProtocol):
+    """What a connection needs of its factory (L{RouterFactory}'s part)."""
+
+    reactor: Any
+    settings: Settings
+    workers: RunsJobs
+    pipes: PipePool
+    budget: Budget
+    starter: Any
+    records: ConnectionRecords
+    openCached: Callable[[str], tuple[int, os.stat_result]]
+
+    def openSocketFile(self, path: str) -> tuple[int, os.stat_result]: ...
+
+    def connectUnix(self, path: str) -> socket.socket: ...
+
+    def routerPid(self) -> int: ...
+
+    def admit(self, relay: "ServerProtocol") -> None: ...
+
+    def admitRefused(self, relay: "ServerProtocol") -> bool: ...
+
+    def relayed(self, connectSeconds: float, template: str = "") -> None: ...
+
+    def rejected(self, relay: "ServerProtocol", cause: str) -> None: ...
+
+    def release(self, relay: "ServerProtocol", duration: Optional[float] = None) -> None: ...
 
 
 @implementer(IHalfCloseableProtocol)
@@ -70,37 +125,67 @@ class ServerProtocol(Protocol):
     """
 
     log = RouterLogger()
-    factory: "RouterFactory"
+    factory: ConnectionsFactory
     # A Unix server connection (getHandle, pauseProducing, abortConnection)
-    # until relayed, then None: more than Protocol's Optional[ITransport].
+    # until relayed or lost, then None: more than Protocol's
+    # Optional[ITransport].
     transport: Any
 
+    state = State.RESOLVING
     client: Credentials
     # The candidate being tried, then the one relayed to.
     backend: Backend
     route: Optional[Route] = None
     ended: Optional[str] = None
-    _lost = False
+    # What the connection waits on (see L{State}): a Deferred or a timer.
+    _pending: Union[Deferred, IDelayedCall, None] = None
     # The file the backend path led to, when it could be opened.
     _target: Optional[os.stat_result] = None
     _splicer: Optional[Splicer] = None
-    _retry: Optional[IDelayedCall] = None
     _responder: Optional[ErrorResponder] = None
-    _recorded = False
-    # The on-demand start this connection waits on (once per connection).
-    _starting: Optional[Deferred] = None
+    # The on-demand start is asked for once per connection.
     _startTried = False
-    # The worker job this connection waits on (a connect, a look).
-    _job: Optional[Deferred] = None
     # What the kernel says of the client (see BackendResolver.judge).
     judged: Optional[Judged] = None
 
     def connectionMade(self) -> None:
         self.startedAt = self.factory.reactor.seconds()
-        self.client = peerCredentials(self.transport.getHandle())
         # Read once: a reload gives later connections other settings.
         self.settings = self.factory.settings
+        self._guarded(self._identify)
+
+    def _identify(self) -> None:
+        self.client = peerCredentials(self.transport.getHandle())
         self._route()
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """
+        Run C{step}, a way into this connection from the reactor (its
+        start, a timer): an exception there ends this connection and goes
+        no further (see L{_crashed}).  A Deferred's way in ends with
+        C{addErrback(self._crashed)} for the same.
+        """
+        try:
+            step(*args)
+        except Exception:
+            self._crashed(Failure())
+
+    def _crashed(self, failure: Failure) -> None:
+        """
+        Something this connection did failed unexpectedly: log it, once and
+        with the client's uid, and end the connection as any other end does,
+        so that it holds no cap slot, budget or descriptor.
+        """
+        if self.state is State.ENDED and failure.check(CancelledError):
+            return  # what it waited on, cancelled as it ended
+        client = getattr(self, "client", None)
+        self.log.failure(
+            "connection of uid {uid} failed while {state}",
+            failure,
+            uid=client.uid if client is not None else "unknown",
+            state=self.state.value,
+        )
+        self._end("failed:" + type(failure.value).__name__)
 
     def _route(self, _: object = None) -> None:
         """
@@ -108,8 +193,7 @@ class ServerProtocol(Protocol):
         looked up (off the reactor thread), the connection waits here
         without holding anyone else, and comes back when it is known.
         """
-        if self._lost:
-            return
+        self._pending = None
         resolver = self.settings.resolver
         try:
             if self.judged is None:
@@ -121,8 +205,8 @@ class ServerProtocol(Protocol):
             self._wait()
             # A user database that doesn't answer holds the client no longer
             # than a daemon that doesn't accept would.
-            waiting.deferred.addTimeout(self.settings.connectTimeout, self.factory.reactor)
-            waiting.deferred.addCallbacks(self._route, self._lookupFailed)
+            self._pending = waiting.deferred.addTimeout(self.settings.connectTimeout, self.factory.reactor)
+            waiting.deferred.addCallbacks(self._route, self._lookupFailed).addErrback(self._crashed)
             return
         except BackendUnusable as reason:
             self.backend = reason.backend
@@ -148,8 +232,9 @@ class ServerProtocol(Protocol):
         self.transport.pauseProducing()
 
     def _lookupFailed(self, failure: Failure) -> None:
-        if self._lost:
-            return
+        self._pending = None
+        if self.state is State.ENDED:
+            return  # cancelled as it ended
         self.log.failure("user database lookup for uid {uid}", failure, uid=self.client.uid)
         self.backend = Backend("-", self.client.uid, str(self.client.uid))
         self._reject(LookupFailed(self.backend, failure.getErrorMessage()))
@@ -164,7 +249,8 @@ class ServerProtocol(Protocol):
         made just before a full backlog's deadline must not read as a path
         that hung.)
         """
-        self._retry = None
+        self.state = State.CONNECTING
+        self._pending = None
         self._target = None
         try:
             reached = reach(self.backend, self.factory.openCached, self.factory.connectUnix)
@@ -174,7 +260,7 @@ class ServerProtocol(Protocol):
             self._reached(reached)
             return
         self._wait()
-        self._job = self._inWorker(
+        self._pending = job = self._inWorker(
             self.settings.connectTimeout,
             reach,
             self.backend,
@@ -182,7 +268,7 @@ class ServerProtocol(Protocol):
             self.factory.connectUnix,
             discard=Reached.close,
         )
-        self._job.addCallbacks(self._reached, self._notReached)
+        job.addCallbacks(self._reached, self._notReached).addErrback(self._crashed)
 
     def _inWorker(self, timeout: float, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
         """C{function(*args)} as one of this connection's user's worker jobs."""
@@ -190,14 +276,15 @@ class ServerProtocol(Protocol):
         return job.addTimeout(timeout, self.factory.reactor)
 
     def _reached(self, reached: Reached) -> None:
-        self._job = None
+        self._pending = None
         self._target = reached.target
         if reached.full:
             # The daemon's listen backlog is full: wait for room, as a
             # blocking connect would, up to the connect timeout.
             if self.factory.reactor.seconds() < self._connectBy:
                 self._wait()
-                self._retry = self.factory.reactor.callLater(_RETRY_DELAY, self._connect)
+                self.state = State.WAITING_FOR_BACKLOG
+                self._pending = self.factory.reactor.callLater(_RETRY_DELAY, self._guarded, self._connect)
             else:
                 self._reject(ConnectTimeout(self.backend, f"{self.settings.connectTimeout:g}"))
             return
@@ -212,22 +299,27 @@ class ServerProtocol(Protocol):
             daemon.close()
             self._reject(reason)
             return
-        self._splicer = Splicer(
-            self.factory.reactor,
-            self.factory.pipes,
-            self.transport.getHandle(),
-            daemon,
-            self._relayEnded,
-            self.factory.budget,
-            self.backend.uid,
-        )
+        try:
+            self._splicer = Splicer(
+                self.factory.reactor,
+                self.factory.pipes,
+                self.transport.getHandle(),
+                daemon,
+                self._relayEnded,
+                self.factory.budget,
+                self.backend.uid,
+            )
+        except BaseException:
+            daemon.close()
+            raise
+        self.state = State.RELAYING
         transport, self.transport = self.transport, None
         self._splicer.start(transport)
         self.factory.relayed(self.factory.reactor.seconds() - self._connectFrom, self.backend.template)
 
     def _notReached(self, failure: Failure) -> None:
-        self._job = None
-        if self._lost:
+        self._pending = None
+        if self.state is State.ENDED:
             return  # cancelled when the client left
         if failure.check(defer.TimeoutError):
             self._reject(PathHung(self.backend, f"{self.settings.connectTimeout:g}"))
@@ -248,12 +340,12 @@ class ServerProtocol(Protocol):
         if len(self.route.candidates) == 1:
             self._noneWorked(reason)
             return
-        self._forTheUser(reason).addCallback(self._nextCandidate)
+        self._forTheUser(reason).addCallback(self._nextCandidate).addErrback(self._crashed)
 
     def _nextCandidate(self, told: BackendUnusable) -> None:
         """The last candidate failed (C{told}: as the client may read it)."""
         assert self.route is not None
-        if self._lost:
+        if self.state is State.ENDED:
             return
         candidates = self.route.candidates
         self._tried.append(told)
@@ -283,17 +375,17 @@ class ServerProtocol(Protocol):
             return
         self._startTried = True
         self._wait()
+        self.state = State.STARTING
         # It may fire at once: kept only while it waits.
-        self._starting = starting = starter.start(
+        self._pending = starting = starter.start(
             candidates[0],
             self.settings.startTimeout,
             lambda: self.factory.workers.run(candidates[0].uid, anyAnswers, candidates),
         )
-        starting.addCallback(self._startDone)
-        starting.addErrback(lambda failure: failure.trap(CancelledError))
+        starting.addCallback(self._startDone).addErrback(self._crashed)
 
     def _startDone(self, outcome: Optional[BackendUnusable]) -> None:
-        self._starting = None
+        self._pending = None
         if outcome is not None:
             self._reject(outcome)
             return
@@ -316,10 +408,12 @@ class ServerProtocol(Protocol):
         if isinstance(reason, PathHung):
             return defer.succeed(forTheUser(reason, target, None))
         self._wait()
-        self._job = self._inWorker(self.settings.connectTimeout, look, reason.backend.path, self._viewer())
+        self._pending = job = self._inWorker(
+            self.settings.connectTimeout, look, reason.backend.path, self._viewer()
+        )
 
         def told(sight: Union[Found, Missing, None]) -> BackendUnusable:
-            self._job = None
+            self._pending = None
             return forTheUser(reason, target, sight)
 
         def untold(failure: Failure) -> BackendUnusable:
@@ -327,23 +421,33 @@ class ServerProtocol(Protocol):
                 self.log.failure("looking at {path} as uid {uid}", failure, path=reason.backend.path, uid=self.client.uid)
             return told(None)
 
-        return self._job.addCallbacks(told, untold)
+        return job.addCallbacks(told, untold)
 
     def _reject(self, reason: BackendUnusable) -> None:
-        self._forTheUser(reason).addCallback(self._answer)
+        self._forTheUser(reason).addCallback(self._answer).addErrback(self._crashed)
 
     def _answer(self, reason: BackendUnusable) -> None:
-        """Answer the client with C{reason} (as they may read it)."""
-        if self._lost:
+        """
+        Answer the client with C{reason} (as they may read it).  It may
+        wait for the request line only while it is counted against the caps
+        (see L{RouterFactory.admitRefused}); past its user's bound of those,
+        it is answered and closed at once.
+        """
+        if self.state is State.ENDED:
             return
-        advice = self.settings.resolver.advice
+        self._pending = None
+        self.state = State.ANSWERING
+        message = self.settings.resolver.advice.render(reason)
         self._endAs("rejected:" + reason.cause)
         self.factory.rejected(self, reason.cause)
+        if reason.waitForRequest and not self.factory.admitRefused(self):
+            answerAndClose(self.transport, reason.status, message)
+            return
         self._responder = ErrorResponder(
             self.factory.reactor,
             self.transport,
             reason.status,
-            advice.render(reason),
+            message,
             waitForRequest=reason.waitForRequest,
         )
         self.transport.resumeProducing()
@@ -364,10 +468,7 @@ class ServerProtocol(Protocol):
 
     def _relayEnded(self, failure: Optional[str]) -> None:
         """Both directions ended (C{None}), or one side failed."""
-        assert self._splicer is not None
-        self._splicer.close()
-        self._endAs(failure or "closed")
-        self._record()
+        self._end(failure or "closed")
 
     # Twisted reads a connection only while it is being rejected.
 
@@ -383,46 +484,54 @@ class ServerProtocol(Protocol):
         pass  # the responder half-closed after its answer
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        if self._starting is not None:
-            self._starting.cancel()
-        if self._job is not None:
-            self._job.cancel()
-        if self._responder is not None:
-            self._responder.connectionLost()
-        if not reason.check(error.ConnectionDone):
-            self._endAs("client:" + type(reason.value).__name__)
-        self._record()
+        self.transport = None
+        self._end(None if reason.check(error.ConnectionDone) else "client:" + type(reason.value).__name__)
 
     def abort(self, why: str) -> None:
         """End this connection now (shutdown ran out of time)."""
-        self._endAs(why)
-        if self._splicer is not None:
-            self._relayEnded(why)
-        else:
-            self.transport.abortConnection()
+        self._end(why)
+
+    def _end(self, why: Optional[str]) -> None:
+        """
+        The one way a connection ends, whatever its state: stop what it
+        waits on, close what it holds, and leave its record (see
+        L{_record}).  The first cause is the cause.
+        """
+        if self.state is State.ENDED:
+            return
+        endedIn, self.state = self.state, State.ENDED
+        if why is not None:
+            self._endAs(why)
+        pending, self._pending = self._pending, None
+        try:
+            if isinstance(pending, Deferred):
+                pending.cancel()
+            elif pending is not None and pending.active():
+                pending.cancel()
+            if self._responder is not None:
+                self._responder.connectionLost()
+            if self._splicer is not None:
+                self._splicer.close()
+            elif self.transport is not None:
+                self.transport.abortConnection()
+        finally:
+            self._record(endedIn)
 
     def _endAs(self, why: str) -> None:
         """Remember how the connection ended; the first cause is the cause."""
         if self.ended is None:
             self.ended = why
 
-    def _record(self) -> None:
+    def _record(self, endedIn: State) -> None:
         """
-        The one record of a finished connection (a refused one has had its
-        line, from L{RouterFactory.rejected}).
+        Uncount a finished connection, with its one record: none for one
+        that ended before it was admitted (not counted) or while it was
+        refused (it has had its line, from L{RouterFactory.rejected}).
         """
-        if self._recorded:
-            return
-        self._recorded = True
-        if self.route is None and self._responder is None:
-            return  # gone while its route was looked up: never counted
-        splicer = self._splicer
-        if self._responder is not None:
+        if endedIn in (State.RESOLVING, State.ANSWERING):
             self.factory.release(self)
             return
+        splicer = self._splicer
         duration = self.factory.reactor.seconds() - self.startedAt
         self.factory.records.add(
             uid=self.client.uid,

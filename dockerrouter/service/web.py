@@ -9,12 +9,14 @@ without it.
 """
 
 import errno
-from typing import Optional
+import socket
+from typing import Any, Hashable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, ISystemHandle
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.internet.interfaces import IAddress
@@ -23,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dockerrouter.base.logging import RouterLogger
+from dockerrouter.routing.credentials import peerCredentials
 
 
 class _WithoutBody(Request):
@@ -52,6 +55,12 @@ class QuietSite(Site):
     # How many connections a site serves at once: a scraper or two, an
     # admin's status command.
     connectionLimit = 64
+    # How many of them one peer may hold (a uid for a Unix client, an
+    # address for TCP): a metrics socket is open to every local user.
+    connectionsPerPeer = 8
+    # Seconds a request may take to arrive whole, however it trickles in
+    # (the idle timeout restarts with every byte).
+    requestDeadline = 10.0
 
     def __init__(self, resource: Resource) -> None:
         super().__init__(resource, timeout=60)
@@ -60,19 +69,109 @@ class QuietSite(Site):
         pass
 
 
-class _AtMost(WrappingFactory):
-    """A site's factory that turns away connections past C{limit}."""
+def _peerOf(transport: Any) -> Hashable:
+    """
+    Who is at the other end of C{transport}: the uid of a Unix client, as
+    the kernel tells it, else the host of its address.
+    """
+    handle = ISystemHandle(transport).getHandle() if ISystemHandle.providedBy(transport) else None
+    if isinstance(handle, socket.socket) and handle.family == socket.AF_UNIX:
+        return ("uid", peerCredentials(handle).uid)
+    return ("host", getattr(transport.getPeer(), "host", None))
+
+
+class _BoundedConnection(ProtocolWrapper):
+    """
+    One connection of a L{_Bounded} site: turned away past its peer's
+    bound, and aborted when a request takes longer than the site's
+    deadline to arrive (from the connection's start, or from the first
+    byte after an answer).
+    """
+
+    factory: "_Bounded"
+    # A stream connection (loseConnection, abortConnection).
+    transport: Any
+    _peer: Optional[Hashable] = None
+    _deadline: Optional[IDelayedCall] = None
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        peer = _peerOf(transport)
+        if not self.factory.admitPeer(peer):
+            self.transport.loseConnection()
+            return
+        self._peer = peer
+        self._startDeadline()
+
+    def _startDeadline(self) -> None:
+        self._deadline = self.factory.reactor.callLater(
+            self.factory.wrappedFactory.requestDeadline, self._tooSlow
+        )
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()
+
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and self._peer is not None:
+            self._startDeadline()  # the next request begins
+        super().dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self._stopDeadline()  # answered: the request had come whole
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self._stopDeadline()
+        super().writeSequence(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopDeadline()
+        if self._peer is not None:
+            self.factory.releasePeer(self._peer)
+        super().connectionLost(reason)
+
+
+class _Bounded(WrappingFactory):
+    """
+    A site's factory that turns away connections past C{limit} in all, or
+    past the site's C{connectionsPerPeer} for one peer, and gives each
+    request the site's C{requestDeadline}: no one local user can hold the
+    site by opening connections or trickling bytes into them.
+    """
 
     noisy = False
+    protocol = _BoundedConnection
+    wrappedFactory: QuietSite
 
-    def __init__(self, site: Site, limit: int) -> None:
+    def __init__(self, site: QuietSite, limit: int, reactor: IReactorTime) -> None:
         super().__init__(site)
         self.limit = limit
+        self.reactor = reactor
+        self._perPeer: dict[Hashable, int] = {}
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[ProtocolWrapper]:  # type: ignore[override]  # None turns a connection away, as Factory allows
         if len(self.protocols) >= self.limit:
             return None  # Twisted closes the connection
         return super().buildProtocol(addr)
+
+    def admitPeer(self, peer: Hashable) -> bool:
+        """Count a connection of C{peer}, if it has room."""
+        held = self._perPeer.get(peer, 0)
+        if held >= self.wrappedFactory.connectionsPerPeer:
+            return False
+        self._perPeer[peer] = held + 1
+        return True
+
+    def releasePeer(self, peer: Hashable) -> None:
+        self._perPeer[peer] -= 1
+        if not self._perPeer[peer]:
+            del self._perPeer[peer]
 
 
 class OptionalListener(Service):
@@ -83,7 +182,8 @@ class OptionalListener(Service):
     log = RouterLogger()
     _port: Optional[IListeningPort] = None
 
-    def __init__(self, description: str, reactor: IReactorCore, site: QuietSite, what: str) -> None:
+    # A reactor: core (endpoints) and time (request deadlines).
+    def __init__(self, description: str, reactor: Any, site: QuietSite, what: str) -> None:
         self.description = description
         self._reactor = reactor
         self._site = site
@@ -92,7 +192,7 @@ class OptionalListener(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         try:
-            limited = _AtMost(self._site, self._site.connectionLimit)
+            limited = _Bounded(self._site, self._site.connectionLimit, self._reactor)
             waiting = serverFromString(self._reactor, self.description).listen(limited)
         except Exception:
             waiting = Failure()

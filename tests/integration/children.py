@@ -1063,7 +1063,74 @@ def flipper(conf):
             emit(event="ready", pid=os.getpid(), uid=os.getuid())
 
 
-_ROLES = {"backend": backend, "agent": agent, "flipper": flipper, "echoLoop": echoLoop}
+def exchanger(conf):
+    """
+    Swap two names in one directory as fast as we can, atomically
+    (renameat2 with RENAME_EXCHANGE): a symbolic link and a plain file
+    trade places, so a walk may meet a link at lstat and a file at
+    readlink.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    first, second = (os.fsencode(p) for p in conf["paths"])
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    swaps = 0
+    while True:
+        if libc.renameat2(AT_FDCWD, first, AT_FDCWD, second, RENAME_EXCHANGE) != 0:
+            raise OSError(ctypes.get_errno(), "renameat2(RENAME_EXCHANGE)")
+        swaps += 1
+        if swaps == 2:
+            emit(event="ready", pid=os.getpid(), uid=os.getuid())
+
+
+def trickler(conf):
+    """
+    Open C{count} connections to C{path} and send one byte of a request
+    head on each every C{interval} seconds, never finishing it; report how
+    many the server has closed so far each round.
+    """
+    raiseNofile()
+    socks = []
+    for _ in range(conf["count"]):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(conf["path"])
+        sock.setblocking(False)
+        socks.append(sock)
+    emit(event="ready", pid=os.getpid(), uid=os.getuid())
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 10000
+    sent = 0
+    closed = set()
+    while True:
+        for sock in socks:
+            if sock in closed:
+                continue
+            try:
+                if sock.recv(1024) == b"":
+                    closed.add(sock)
+                    continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed.add(sock)
+                continue
+            try:
+                sock.send(head[sent:sent + 1])
+            except OSError:
+                closed.add(sock)
+        sent += 1
+        emit(event="progress", sent=sent, closed=len(closed), opened=len(socks))
+        time.sleep(conf["interval"])
+
+
+_ROLES = {
+    "backend": backend,
+    "agent": agent,
+    "flipper": flipper,
+    "echoLoop": echoLoop,
+    "exchanger": exchanger,
+    "trickler": trickler,
+}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ class FakeSocket:
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self._sock.setsockopt(level, option, value)
 
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        return self._sock.recv(size, flags)
+
+    @property
+    def peer(self) -> socket.socket:
+        """The other end: the client's, for what it sends."""
+        return self._peer
+
 
 def asSocket(fake: FakeSocket) -> socket.socket:
     """

@@ -11,7 +11,7 @@ import shutil
 import stat
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import attrs
 from twisted.internet import error
@@ -28,7 +28,7 @@ from dockerrouter.routing.credentials import Credentials
 from dockerrouter.base.logging import ConnectionRecords
 from dockerrouter.relay import protocol as relay
 from dockerrouter.relay.factory import RouterFactory
-from dockerrouter.relay.protocol import ServerProtocol
+from dockerrouter.relay.protocol import ServerProtocol, State
 from dockerrouter.routing.rules import Account, Lookups
 from dockerrouter.routing.visibility import Found, Missing, Viewer, look
 from dockerrouter.relay.splice import Splicer
@@ -756,3 +756,126 @@ class ChainTests(SynchronousTestCase):
         server.dataReceived(b"GET /_ping HTTP/1.1\r\n\r\n")
         self.assertIn(b"could not look up user 1000 (uid 1000) in the user database (sssd is down)", transport.value())
         self.assertEqual(self.factory.results["lookup"], 1)
+
+
+def unforeseen(*args: object, **kwargs: object) -> None:
+    """A step that fails in a way nobody foresaw (a bug)."""
+    raise RuntimeError("unforeseen")
+
+
+class FailureTests(RelayHarness):
+    """
+    An exception in a step of a connection ends that connection the way any
+    end does: closed, uncounted, its record kept, the failure logged once
+    with its uid.
+    """
+
+    def assertEndedAlone(self, server: ServerProtocol, events: Sequence[dict]) -> None:
+        self.assertEqual(server.state, State.ENDED)
+        self.assertEqual((self.factory.relays, self.factory.userConnections(1000)), (set(), 0))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        [failure] = [e for e in events if "log_failure" in e]
+        self.assertEqual((failure["uid"], failure["log_failure"].getErrorMessage()), (1000, "unforeseen"))
+        [record] = [e for e in events if "end" in e]
+        self.assertEqual(record["end"], "failed:RuntimeError")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_aTimerRaises(self) -> None:
+        """
+        A retry for a full backlog (a timer) that raises: the client is
+        aborted, and the connection no longer counted.
+        """
+        self.factory.openCached = self.openSocketFile
+        self.connectError = BlockingIOError(errno.EAGAIN, "busy")
+        server, clientTransport = self.connectClient()
+        self.assertEqual(server.state, State.WAITING_FOR_BACKLOG)
+        self.factory.connectUnix = unforeseen  # type: ignore[assignment]
+        with capturedLogs() as events:
+            self.reactor.advance(0.05)
+            self.reactor.advance(ConnectionRecords.interval)
+        self.assertTrue(clientTransport.aborted)
+        self.assertEndedAlone(server, events)
+
+    def test_aDeferredsCallbackRaises(self) -> None:
+        """
+        The worker's result (a Deferred) comes back to a step that raises
+        once the relay has begun: both sockets are let go.
+        """
+        workers = self.factory.workers = InlineWorkers(held=True)
+        server, clientTransport = self.connectClient()
+        self.assertEqual(server.state, State.CONNECTING)
+        self.factory.relayed = unforeseen
+        with capturedLogs() as events:
+            workers.finish()
+            self.reactor.advance(ConnectionRecords.interval)
+        self.assertTrue(self.daemons[0].closed)
+        self.assertEqual(self.reactor.readers, set())
+        self.assertEndedAlone(server, events)
+
+    def test_aRefusalRaises(self) -> None:
+        """A refusal whose answer can't be written ends all the same."""
+        self.connectError = FileNotFoundError(errno.ENOENT, "missing")
+        self.patch(self.factory, "rejected", unforeseen)
+        with capturedLogs() as events:
+            server, clientTransport = self.connectClient()
+            self.reactor.advance(ConnectionRecords.interval)
+        self.assertTrue(clientTransport.aborted)
+        self.assertEqual(server.state, State.ENDED)
+        self.assertEqual(self.factory.relays, set())
+        [failure] = [e for e in events if "log_failure" in e]
+        self.assertEqual(failure["uid"], 1000)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RefusalBoundTests(SynchronousTestCase):
+    """
+    Refused connections count against the caps while they are answered,
+    up to a bound per user; past it they are answered and closed at once.
+    """
+
+    def setUp(self) -> None:
+        import tomllib
+
+        from dockerrouter.routing.rules import parseRules
+
+        self.reactor = MemoryReactorClock()
+        denied = parseRules(tomllib.loads('[[rule]]\nuid = 1000\ndeny = "Not you."\n')["rule"], str)
+        self.factory = RouterFactory(
+            self.reactor, Settings(BackendResolver("/x/{uid}", rules=denied), 5, maxConnections=10), workers=InlineWorkers()
+        )
+        self.factory.refusalsPerUser = 2
+
+    def refused(self) -> tuple[ServerProtocol, PeerTransport]:
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(ALICE)
+        server.makeConnection(transport)
+        return server, transport
+
+    def test_countedUpToTheBound(self) -> None:
+        (first, one), (second, two) = self.refused(), self.refused()
+        self.assertEqual(self.factory.userConnections(1000), 2)
+        self.assertEqual((one.value(), one.disconnecting), (b"", False))  # waits for the request line
+        third, three = self.refused()
+        self.assertEqual(self.factory.userConnections(1000), 2)
+        self.assertIn(b"403 Forbidden", three.value())
+        self.assertIn(b"Not you.", three.value())
+        self.assertTrue(three.disconnecting)
+        first.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.factory.userConnections(1000), 1)
+        self.refused()
+        self.assertEqual(self.factory.userConnections(1000), 2)
+
+    def test_whatWasSentIsReadFirst(self) -> None:
+        """Past the bound, the request already sent is read, and answered in kind."""
+        self.refused(), self.refused()
+        server = self.factory.buildProtocol(None)
+        assert isinstance(server, ServerProtocol)
+        transport = PeerTransport(ALICE)
+        transport.getHandle().peer.sendall(b"HEAD /_ping HTTP/1.0\r\n\r\n")
+        server.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.0 403 Forbidden\r\n"), transport.value())
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n"), transport.value())  # HEAD: no body
+        self.assertTrue(transport.disconnecting)
+        # Nothing left unread, to reset the client's read of its answer.
+        self.assertRaises(BlockingIOError, transport.getHandle().recv, 1, socket.MSG_DONTWAIT)
