@@ -853,7 +853,7 @@ class RefusalBoundTests(SynchronousTestCase):
         return server, transport
 
     def test_countedUpToTheBound(self) -> None:
-        (first, one), (second, two) = self.refused(), self.refused()
+        (first, one), _ = self.refused(), self.refused()
         self.assertEqual(self.factory.userConnections(1000), 2)
         self.assertEqual((one.value(), one.disconnecting), (b"", False))  # waits for the request line
         third, three = self.refused()
