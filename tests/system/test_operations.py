@@ -21,8 +21,8 @@ STATIC_CLI = "/usr/local/bin/docker"
 
 
 @pytest.fixture(scope="module")
-def m():
-    with installedMachine(daemons=["dr-alice"], others=["dr-carol"]) as machine:
+def m(release):
+    with installedMachine(release, daemons=["dr-alice"], others=["dr-carol"]) as machine:
         yield machine
 
 
