@@ -232,7 +232,7 @@ class RealSocketTests(TestCase):
         self.startRouter(Firehose)
         client = yield defer.ensureDeferred(self.connectClient())
         client.transport.pauseProducing()
-        yield pollUntil(lambda: self.backends and self.backends[0].paused)
+        yield pollUntil(lambda: splicing(self.router) and self.backends and self.backends[0].paused)
         [backend] = self.backends
         [relay] = self.router.relays
         down = relay._splicer._down
@@ -282,7 +282,7 @@ class RealSocketTests(TestCase):
         self.startRouter(Peer)
         with capturedLogs() as events:
             client = yield defer.ensureDeferred(self.connectClient())
-            yield pollUntil(lambda: self.backends)
+            yield pollUntil(lambda: splicing(self.router) and self.backends)
             [backend] = self.backends
             [relay] = self.router.relays
             backend.transport.pauseProducing()
