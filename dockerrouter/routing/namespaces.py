@@ -337,8 +337,10 @@ def _holds(proc: int, inode: int) -> bool:
                 try:
                     if os.readlink(entry.name, dir_fd=fds) == wanted:
                         return True
-                except OSError:
+                except FileNotFoundError:
                     pass  # closed meanwhile
+                # Anything else (EACCES without CAP_SYS_PTRACE: the listing is
+                # allowed, each link is not) is the caller's to report.
     finally:
         os.close(fds)
     return False

@@ -1,6 +1,7 @@
 """
-Fixtures for the system tests: a booted Debian 12 machine (L{machine.Machine})
-and the steps of README.md run in it.
+Fixtures for the system tests: a booted Debian machine (L{machine.Machine}),
+once for each release README.md is tested on (L{machine.RELEASES}), and the
+steps of README.md run in it.
 
 Plain pytest functions, not pytest-twisted: every step is a command in the
 machine that must finish before the next, and the one concurrent part (two
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import readme  # noqa: E402
 from tests.integration import harness  # noqa: E402
-from machine import Machine, missingTools  # noqa: E402
+from machine import RELEASES, Machine, missingTools  # noqa: E402
 
 REQUIRED = os.environ.get("DOCKERROUTER_SYSTEM") == "1"
 IMAGE = "dr-busybox:latest"
@@ -33,7 +34,7 @@ DAEMON_DEADLINE = 60
 
 def _available():
     if not REQUIRED:
-        pytest.skip("system tests boot a Debian 12 machine: set DOCKERROUTER_SYSTEM=1 (as root) to run them")
+        pytest.skip("system tests boot Debian machines: set DOCKERROUTER_SYSTEM=1 (as root) to run them")
     problems = missingTools()
     if os.geteuid() != 0:
         problems.append("root")
@@ -57,13 +58,22 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append(("docker-router units in the machine's journal", tail))
 
 
-@pytest.fixture
-def machine():
+@pytest.fixture(scope="module", params=RELEASES)
+def release(request):
     """
-    A freshly booted machine, removed after the test.
+    Each Debian release in turn (a module's tests all run on one, then on
+    the next).
+    """
+    return request.param
+
+
+@pytest.fixture
+def machine(release):
+    """
+    A freshly booted machine of C{release}, removed after the test.
     """
     _available()
-    m = Machine()
+    m = Machine(release)
     try:
         yield m.boot()
     finally:
@@ -121,15 +131,15 @@ def addUser(m, name, daemon=True):
 
 
 @contextmanager
-def installedMachine(daemons=(), others=()):
+def installedMachine(release, daemons=(), others=()):
     """
-    A booted machine with the router and the rootless Docker packages
+    A booted machine of C{release} with the router and the rootless Docker packages
     installed as README.md says, users who set up their daemons with
     README's per-user steps (C{daemons}) and users who did not
     (C{others}); C{.uids} maps their names to uids. Removed afterwards.
     """
     _available()
-    m = Machine()
+    m = Machine(release)
     try:
         m.boot()
         installRouter(m)

@@ -1,24 +1,24 @@
 """
-A Debian 12 machine with a real systemd, for the system tests.
+A Debian machine (12 or 13) with a real systemd, for the system tests.
 
-The root file system is built once with C{mmdebstrap} and kept under
-L{CACHE} (keyed by L{IMAGE_VERSION}: bump it when L{PACKAGES} or the build
-changes). Each L{Machine} boots it with C{systemd-nspawn -b} on a fresh
-overlay, so every boot starts from the same state and nothing a test does
-reaches the cache. Tests drive the machine from outside with C{nsenter} into
-its init's namespaces (C{systemd-run -M} needs a registered machine, and
+The root file system of each release is built once with C{mmdebstrap} (from
+Debian's default mirror and the release's updates and security suites) and
+kept under L{CACHE} (keyed by L{IMAGE_VERSION}: bump it when L{PACKAGES} or
+the build changes). Each L{Machine} boots it with C{systemd-nspawn -b} on a
+fresh overlay, so every boot starts from the same state and nothing a test
+does reaches the cache. Tests drive the machine from outside with C{nsenter}
+into its init's namespaces (C{systemd-run -M} needs a registered machine, and
 C{--register=no} is what works on this machine kind).
 
-What is baked into the image is what a Debian 12 host would fetch from its
-mirror: the packages the router's install and a rootless Docker need are
-installed or (for C{docker.io} and friends, which a test installs before or
-after the router, as the README says) downloaded into apt's cache. The router
+What is baked into the image is what a Debian host would fetch from its
+mirror: the packages the tests drive the machine with are installed; the
+ones README.md's steps add (C{man-db}, and C{docker.io} and friends, which a
+test installs before or after the router) are only downloaded into apt's
+cache, so the image is the fresh host README.md starts from. The router
 itself is installed in every test exactly as README.md says.
 """
 
-import fcntl
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,31 +26,25 @@ import tempfile
 import time
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+from tests import debian
+
 CACHE = Path(os.environ.get("DR_SYSTEM_CACHE", "/var/cache/docker-router-system"))
-IMAGE_VERSION = "1"
-SUITE = "bookworm"
-MIRRORS = [
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
-]
-# Installed in the image: a booting systemd with logind (user managers), what
-# the tests drive the machine with, and the README's own prerequisites.
+IMAGE_VERSION = "2"
+# Debian 12 and 13: the releases README.md's steps are tested on.
+RELEASES = ["bookworm", "trixie"]
+# Installed in the image: a booting systemd with logind (user managers), and
+# what the tests drive the machine with.
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "dbus-user-session",
-    "python3-venv", "sudo", "iproute2", "procps", "curl", "ca-certificates",
-    "busybox-static", "man-db",
+    "python3-venv", "sudo", "iproute2", "procps", "curl", "ca-certificates", "busybox-static",
 ]
-# Only downloaded: the README's per-host Docker packages (installed by a test,
-# before or after the router).
-DOWNLOADED = ["docker.io", "rootlesskit", "uidmap", "slirp4netns", "dbus-user-session"]
+# Only downloaded: what README.md's steps install (the router's and the
+# per-host Docker packages, installed by a test before or after the router).
+DOWNLOADED = ["man-db", "docker.io", "rootlesskit", "uidmap", "slirp4netns", "dbus-user-session"]
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # How the host reaches its package registries: the container shares the
 # host's network, and gets its CA bundle and pip configuration.
 HOST_FILES = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf", "/etc/xdg/pip"]
-PASSED_ENV = re.compile(
-    r"^(PIP_(?!FIND_LINKS)\w+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|(https?|no)_proxy|(HTTPS?|NO)_PROXY)$")
 BOOT_DEADLINE = 60
 
 
@@ -61,32 +55,17 @@ def missingTools():
     return [t for t in ("mmdebstrap", "systemd-nspawn", "nsenter") if shutil.which(t) is None]
 
 
-def imageRoot():
+def imageRoot(release):
     """
-    The cached root file system of this L{IMAGE_VERSION}, built if missing.
+    The cached root file system of C{release} at this L{IMAGE_VERSION},
+    built if missing.
+    """
+    def build(part):
+        debian.mmdebstrap(
+            release, part, PACKAGES, "--variant=apt", "--skip=cleanup/apt/lists", "--skip=cleanup/apt/cache",
+            "--customize-hook=chroot \"$1\" apt-get install -y -q --download-only " + " ".join(DOWNLOADED))
 
-    A lock keeps two test runs from building it at once; a build goes to a
-    temporary name and is renamed in place when complete.
-    """
-    root = CACHE / f"debian-{SUITE}-v{IMAGE_VERSION}"
-    if (root / "etc" / "os-release").exists():
-        return root
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / "etc" / "os-release").exists():
-            return root
-        part = Path(str(root) + ".part")
-        shutil.rmtree(part, ignore_errors=True)
-        subprocess.run(
-            ["mmdebstrap", "--variant=apt", "--skip=cleanup/apt/lists", "--skip=cleanup/apt/cache",
-             "--include=" + ",".join(PACKAGES),
-             "--customize-hook=chroot \"$1\" apt-get install -y -q --download-only " + " ".join(DOWNLOADED),
-             SUITE, str(part), *MIRRORS],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        part.rename(root)
-    return root
+    return debian.cachedRoot(CACHE, f"debian-{release}-v{IMAGE_VERSION}", build)
 
 
 class CommandFailed(AssertionError):
@@ -100,14 +79,15 @@ class Machine:
     overlay), and C{systemd-nspawn -b} in its own session.
     """
 
-    def __init__(self):
+    def __init__(self, release):
+        self.release = release
         self.dir = Path(tempfile.mkdtemp(prefix="dockerrouter-system-"))
         self.root = self.dir / "root"
         self.nspawn = None
         self.leader = None
 
     def boot(self):
-        lower = imageRoot()
+        lower = imageRoot(self.release)
         for d in ("upper", "work", "root", "home"):
             (self.dir / d).mkdir()
         subprocess.run(
@@ -117,7 +97,7 @@ class Machine:
         self._prepare()
         binds = [f"--bind-ro={p}:{p}" for p in HOST_FILES if os.path.exists(p)]
         env = dict(os.environ,
-                   # The VM's cgroups are hybrid: give the container a cgroup v2, as on a real Debian 12.
+                   # The VM's cgroups are hybrid: give the container a cgroup v2, as on a real Debian host.
                    SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1",
                    # /proc/sys/net writable: a rootless dockerd sets ip_forward in its own network namespace.
                    SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
@@ -163,16 +143,7 @@ class Machine:
         files, as they are in the worktree): pip builds in place, so it can't
         be a read-only bind.
         """
-        files = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPOSITORY, check=True, capture_output=True).stdout.split(b"\0")
-        target = self.root / "root" / "docker-router"
-        target.mkdir(parents=True)
-        for name in filter(None, files):
-            source = REPOSITORY / os.fsdecode(name)
-            if source.is_file():
-                (target / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target / os.fsdecode(name))
+        debian.copyCheckout(self.root / "root" / "docker-router")
 
     def _checkAlive(self):
         if self.nspawn.poll() is not None:
@@ -183,7 +154,7 @@ class Machine:
 
     def _command(self, script, user=None):
         env = [f"PATH={SAFE_PATH}", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive"]
-        env += [f"{k}={v}" for k, v in os.environ.items() if PASSED_ENV.match(k)]
+        env += [f"{k}={v}" for k, v in debian.passedEnvironment().items()]
         argv = ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w",
                 "env", "-i", *env]
         if user is None:

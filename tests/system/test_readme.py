@@ -1,5 +1,5 @@
 """
-README.md's install and per-user steps, run as written on a fresh Debian 12
+README.md's install and per-user steps, run as written on a fresh Debian 12 and 13
 with C{docker.io} installed before or after the router.
 """
 

@@ -18,8 +18,8 @@ USER_STOP_DELAY = 10
 
 
 @pytest.fixture(scope="module")
-def m():
-    with installedMachine(daemons=[USER], others=[NOT_SET_UP]) as machine:
+def m(release):
+    with installedMachine(release, daemons=[USER], others=[NOT_SET_UP]) as machine:
         uid = machine.uids[USER]
         # Set up and enabled, then no linger and logged out: nothing of the
         # user runs, and logind has forgotten them.

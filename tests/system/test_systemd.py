@@ -27,8 +27,8 @@ RESTARTS = 4
 
 
 @pytest.fixture(scope="module")
-def m():
-    with installedMachine(daemons=USERS, others=[NO_DAEMON]) as machine:
+def m(release):
+    with installedMachine(release, daemons=USERS, others=[NO_DAEMON]) as machine:
         yield machine
 
 
