@@ -178,6 +178,24 @@ def queued(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
+def _room(d: "_Direction") -> int:
+    """
+    How much C{d} may splice into its sink now: what the sink's send
+    buffer leaves free.  C{splice} into a Unix socket checks the buffer
+    only when it starts a new packet, and a packet takes up to 17 pages:
+    one call may queue 64 KiB into a socket whose C{send} would take 8
+    (and Linux before 6.5, Debian 12's 6.1, adds to the last packet with no
+    check at all), so a stalled reader would pin more than its budget.
+
+    @raise BlockingIOError: when nothing, as a full socket would.
+    """
+    sock = d.sink.sock
+    room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - queued(sock)
+    if room <= 0:
+        raise BlockingIOError(errno.EAGAIN, "the send buffer is full")
+    return min(d.pending, room)
+
+
 class _Direction:
     """
     Bytes from C{source} to C{sink}, and what is in flight between them.
@@ -437,7 +455,8 @@ class Splicer:
         while d.pending:
             try:
                 # Pending bytes are always in a pipe.
-                d.pending -= os.splice(d.pipe[0], d.sink.fd, d.pending, flags=_SPLICE_FLAGS)  # type: ignore[index]  # see above
+                length = _room(d) if d.sized else d.pending
+                d.pending -= os.splice(d.pipe[0], d.sink.fd, length, flags=_SPLICE_FLAGS)  # type: ignore[index]  # see above
             except BlockingIOError:
                 if not d.big and self._grow(d):
                     continue
