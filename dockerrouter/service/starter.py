@@ -299,7 +299,8 @@ class Starter:
             "--collect",
             f"--property=RuntimeMaxSec={attempt.timeout:g}",
             f"--setenv=XDG_RUNTIME_DIR=/run/user/{backend.uid}",
-            *argv,
+            # systemd expands $NAME in a command line at exec ($$ is a $).
+            *(argument.replace("$", "$$") for argument in argv),
         ]
 
     def _enabledCommand(self, attempt: _Attempt, home: str) -> list[str]:

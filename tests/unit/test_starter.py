@@ -108,6 +108,8 @@ class StarterTests(SynchronousTestCase):
         looking = self.runner.answer(ENABLED)
         self.assertEqual(looking[:2], ["/usr/bin/systemd-run", "--uid=1001"])
         self.assertIn("--property=RuntimeMaxSec=30", looking)
+        # systemd would expand the script's $link: escaped for it.
+        self.assertIn('for link do [ -e "$$link" ] && echo "$${link##*/}"; done; exit 0', looking)
         self.assertEqual(looking[-4:], [
             "/home/alice/.config/systemd/user/default.target.wants/docker.service",
             "/etc/systemd/user/default.target.wants/docker.service",
