@@ -14,6 +14,7 @@ import re
 import shutil
 
 import pytest
+import readme
 from conftest import IMAGE, installedMachine, pollUntil
 
 SERVICE = "docker-router.service"
@@ -45,6 +46,18 @@ def test_statusCommand(m):
         m.kill(events)
     refused = m.run("docker-router status", user="dr-carol", check=False)
     assert refused.returncode != 0 and "root" in refused.stdout + refused.stderr, refused
+
+
+def test_metricsNextToTheInstalledRouter(m):
+    """
+    Issue 19.3: README's metrics example, run as written on a host with the
+    router installed, serves the installed router's metrics.
+    """
+    try:
+        text = m.run(readme.shellBlocks("Metrics")[0]).stdout
+        assert re.search(r'^docker_router_build_info\{version="[^"]+"\} 1', text, re.M), text
+    finally:
+        m.run(f"rm -f /etc/docker-router/docker-router.toml; systemctl restart {SERVICE}", check=False)
 
 
 def test_metricsOverTcp(m):
