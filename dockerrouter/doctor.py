@@ -66,7 +66,7 @@ def checkSubordinates(user: pwd.struct_passwd, etc: str = "/etc") -> list[Check]
         else:
             free = f"{end}-{end + 65535}"
             checks.append(Check(FAIL, f"subordinate {kind}s", f"{user.pw_name} has no range in {path}",
-                                f"sudo usermod --add-{flag} {free} {user.pw_name}"))
+                                f"as root: usermod --add-{flag} {free} {user.pw_name}"))
     return checks
 
 
@@ -75,7 +75,7 @@ def checkIdMappers() -> list[Check]:
     for name in ("newuidmap", "newgidmap"):
         path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
         if path is None:
-            checks.append(Check(FAIL, name, "not installed", "sudo apt-get install uidmap"))
+            checks.append(Check(FAIL, name, "not installed", "as root: apt-get install uidmap"))
             continue
         setuid = os.stat(path).st_mode & stat.S_ISUID
         try:
@@ -87,7 +87,7 @@ def checkIdMappers() -> list[Check]:
             checks.append(Check(OK, name, f"{path}, {how}"))
         else:
             checks.append(Check(FAIL, name, f"{path} is neither setuid nor has file capabilities",
-                                f"sudo chmod u+s {path}"))
+                                f"as root: chmod u+s {path}"))
     return checks
 
 
@@ -99,18 +99,18 @@ def checkSession(user: pwd.struct_passwd, linger: str = LINGER) -> list[Check]:
         st = os.stat(runtime)
     except OSError:
         checks.append(Check(FAIL, "runtime directory", f"{runtime} does not exist (not logged in, no linger)",
-                            f"sudo loginctl enable-linger {user.pw_name}"))
+                            f"as root: loginctl enable-linger {user.pw_name}"))
     else:
         if st.st_uid == user.pw_uid:
             checks.append(Check(OK, "runtime directory", runtime))
         else:
             checks.append(Check(FAIL, "runtime directory", f"{runtime} belongs to uid {st.st_uid}",
-                                f"sudo loginctl terminate-user {user.pw_name}"))
+                                f"as root: loginctl terminate-user {user.pw_name}"))
     if lingers:
         checks.append(Check(OK, "linger", "on: the daemon keeps running after logout"))
     else:
         checks.append(Check(WARN, "linger", "off: the daemon stops at logout (unless the router starts it on demand)",
-                            f"sudo loginctl enable-linger {user.pw_name}"))
+                            f"as root: loginctl enable-linger {user.pw_name}"))
     return checks
 
 
@@ -261,7 +261,7 @@ def _owner(uid: int) -> str:
 def checkSetupTool() -> Check:
     found = locateSetupTool()
     if found is None:
-        return Check(WARN, "setup tool", f"{SETUP_TOOL} not found", "sudo apt-get install docker.io rootlesskit")
+        return Check(WARN, "setup tool", f"{SETUP_TOOL} not found", "as root: apt-get install docker.io rootlesskit")
     return Check(OK, "setup tool", os.path.realpath(found))
 
 

@@ -97,8 +97,8 @@ class NoDaemon(BackendUnusable):
         "nothing at {path}"
     )
     advice = (
-        _START_DAEMON + " and run `loginctl enable-linger {user}` to keep it "
-        "running after you log out"
+        _START_DAEMON + ", and ask an administrator to run `loginctl "
+        "enable-linger {user}` to keep it running after you log out"
     )
 
 
@@ -110,8 +110,8 @@ class NoRuntimeDirectory(NoDaemon):
         "{detail} (they are not logged in, and have no linger)"
     )
     advice = (
-        "run `loginctl enable-linger {user}` so that it exists without a "
-        "login, then " + _START_DAEMON
+        "log in, or ask an administrator to run `loginctl enable-linger "
+        "{user}` so that it exists without a login, then " + _START_DAEMON
     )
 
 

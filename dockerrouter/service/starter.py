@@ -8,6 +8,12 @@ rather than refuse: the system manager starts the user's manager
 (C{docker.service}, or C{podman.socket}).  The client waits, its bytes held
 in the kernel, until the daemon answers or the start times out.
 
+The user's manager is started only for something: which units the user
+enabled is read first, as the user (see L{Starter._enabledCommand}).  A
+manager the router started is stopped again when nothing came of it.  And a
+manager logind is tearing down (its user's last session just ended) is
+waited out, then started afresh: a daemon started in it would die with it.
+
 One start is in flight per user (everyone of that user waits on it); after
 a failed one, the user's next connections are answered at once for a
 cool-down; system accounts (below C{UID_MIN}) and users without a home are
@@ -32,12 +38,25 @@ from dockerrouter.routing.route import Backend
 from dockerrouter.routing.subordinates import loginDefsUidMin
 from dockerrouter.base.logging import RouterLogger
 
-# The user units that serve a Docker API socket, started when enabled.
-UNITS = ("docker.service", "podman.socket")
+# The user units that serve a Docker API socket, started when enabled, and
+# the target whose .wants directory enabling them links them into.
+UNITS = {"docker.service": "default.target.wants", "podman.socket": "sockets.target.wants"}
+# Where those links are: the user's own (`systemctl --user enable`), and the
+# admin's for everyone (`systemctl --global enable`).
+_UNIT_DIRECTORIES = ("{home}/.config/systemd/user", "/etc/systemd/user")
+# Prints each unit whose link resolves (run as the user: see _enabledCommand).
+_ENABLED_SCRIPT = 'for link do [ -e "$link" ] && echo "${link##*/}"; done; exit 0'
 # Every result a start (or a connection that wanted one) is counted by.
 RESULTS = ("started", "failed", "timeout", "not-enabled", "cooling-down", "refused")
 COOL_DOWN = 60.0
 _POLL = 0.1
+# How often a teardown in progress is looked at again.
+_TEARDOWN_POLL = 0.5
+# How long a manager whose user logind is closing is waited for to go: its
+# stop delay (UserStopDelaySec=, 10 s by default) and its stop.  A user with
+# processes left in a closed session stays "closing" with a running manager
+# for good: after this, the start goes on in that manager.
+CLOSING_WAIT = 15.0
 # What the systemctl children get: no environment of the router's.
 _ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -148,9 +167,12 @@ def _lastLine(data: bytes) -> str:
 class _Attempt:
     """One start of one user's daemon, and the connections waiting on it."""
 
-    def __init__(self, backend: Backend, began: float, ready: Callable[[], "Deferred[bool]"]) -> None:
+    def __init__(
+        self, backend: Backend, began: float, timeout: float, ready: Callable[[], "Deferred[bool]"]
+    ) -> None:
         self.backend = backend
         self.began = began
+        self.timeout = timeout
         self.ready = ready
         self.units: list[str] = []
         self.waiting: list[Deferred] = []
@@ -158,6 +180,8 @@ class _Attempt:
         self.timer: Optional[IDelayedCall] = None
         self.poll: Optional[IDelayedCall] = None
         self.outcome: Optional[str] = None
+        # The user's manager was not running, and this start started it.
+        self.startedManager = False
 
 
 class Starter:
@@ -172,6 +196,7 @@ class Starter:
     systemdRun: ClassVar[str] = "/usr/bin/systemd-run"
     # With --provision: who sets up a daemon for a user with none enabled.
     provisioner: Optional[Provisions] = None
+    loginctl: ClassVar[str] = "/usr/bin/loginctl"
 
     def __init__(
         self,
@@ -181,7 +206,7 @@ class Starter:
         home: Optional[Callable[[int], "Deferred[Optional[str]]"]] = None,
         uidMin: Optional[int] = None,
         coolDown: float = COOL_DOWN,
-        units: tuple[str, ...] = UNITS,
+        units: dict[str, str] = UNITS,
     ) -> None:
         """
         @param probe: whether a daemon of the backend's user answers now
@@ -189,6 +214,8 @@ class Starter:
         @param run: runs a command (default: a child process).
         @param home: the user's home directory, or C{None} (default: looked
             up in a thread).
+        @param units: the units to start, each with the C{.wants} directory
+            that enabling it links it into.
         """
         self.reactor = reactor
         self.probe = probe
@@ -228,7 +255,9 @@ class Starter:
         if attempt is None:
             if uid < self.uidMin:
                 return self._refuse(backend, f"uid {uid} is below UID_MIN {self.uidMin}")
-            attempt = self._attempts[uid] = _Attempt(backend, now, ready or (lambda: self.probe(backend)))
+            attempt = self._attempts[uid] = _Attempt(
+                backend, now, timeout, ready or (lambda: self.probe(backend))
+            )
 
         def stopWaiting(d: Deferred) -> None:
             if d in attempt.waiting:
@@ -265,20 +294,14 @@ class Starter:
         if attempt.outcome is None:
             self._finish(attempt, "failed", StartFailed(attempt.backend, failure.getErrorMessage()))
 
-    def _gotHome(self, attempt: _Attempt, home: Optional[str]) -> None:
-        backend = attempt.backend
-        if home is None:
-            self._cleanUp(attempt)
-            self._refuse(backend, "the user has no home directory").addCallback(lambda answer: self._answer(attempt, answer))
-            return
-        self._step(attempt, self.run([self.systemctl, "start", f"user@{backend.uid}.service"]), self._userManager)
-
-    def _userCommand(self, attempt: _Attempt, *arguments: str) -> list[str]:
+    def _asTheUser(self, attempt: _Attempt, *argv: str) -> list[str]:
         """
-        A systemctl command to the user's own manager, run as that user by
-        the system manager.  (Not C{systemctl --user -M USER@}: that opens a
-        login session, and when it closes logind stops the user's manager,
-        and the daemon with it, a few seconds later.)
+        C{argv} run as the user by the system manager, killed by it if it
+        outlives the start.  (The router can't switch users itself: its
+        sandbox has neither C{CAP_SETUID} nor new privileges.  Nor is it
+        C{systemctl --user -M USER@}: that opens a login session, and when
+        it closes logind stops the user's manager, and the daemon with it,
+        a few seconds later.)
         """
         backend = attempt.backend
         return [
@@ -290,21 +313,42 @@ class Starter:
             "--wait",
             "--quiet",
             "--collect",
+            f"--property=RuntimeMaxSec={attempt.timeout:g}",
             f"--setenv=XDG_RUNTIME_DIR=/run/user/{backend.uid}",
-            self.systemctl,
-            "--user",
-            *arguments,
+            # systemd expands $NAME in a command line at exec ($$ is a $).
+            *(argument.replace("$", "$$") for argument in argv),
         ]
 
-    def _userManager(self, attempt: _Attempt, result: ProcessResult) -> None:
-        if self._failed(attempt, result, f"systemctl start user@{attempt.backend.uid}.service"):
+    def _enabledCommand(self, attempt: _Attempt, home: str) -> list[str]:
+        """
+        Which of the units the user enabled: a shell run as the user lists
+        those whose C{.wants} link resolves, in their home or for everyone.
+
+        Asked before the user's manager runs (C{systemctl --user} needs it
+        running; the link is what C{systemctl --user enable} makes), and as
+        the user: whatever they linked, their home is looked at with their
+        rights, never root's.
+        """
+        links = [
+            f"{directory.format(home=home)}/{wants}/{unit}"
+            for unit, wants in self.units.items()
+            for directory in _UNIT_DIRECTORIES
+        ]
+        return self._asTheUser(attempt, "/bin/sh", "-c", _ENABLED_SCRIPT, "sh", *links)
+
+    def _gotHome(self, attempt: _Attempt, home: Optional[str]) -> None:
+        backend = attempt.backend
+        if home is None:
+            self._cleanUp(attempt)
+            self._refuse(backend, "the user has no home directory").addCallback(lambda answer: self._answer(attempt, answer))
             return
-        command = self._userCommand(attempt, "list-unit-files", "--state=enabled", "--no-legend", *self.units)
-        self._step(attempt, self.run(command), self._enabled)
+        self._step(attempt, self.run(self._enabledCommand(attempt, home)), self._enabled)
 
     def _enabled(self, attempt: _Attempt, result: ProcessResult) -> None:
         out, _, _ = result
-        listed = {line.split()[0] for line in out.decode("utf-8", "replace").splitlines() if line.strip()}
+        if self._failed(attempt, result, "the look for enabled units"):
+            return
+        listed = set(out.decode("utf-8", "replace").split())
         units = [unit for unit in self.units if unit in listed]
         if not units and self.provisioner is not None:
             # Setting one up has its own deadline (--provision-timeout).
@@ -317,7 +361,60 @@ class Starter:
             self._finish(attempt, "not-enabled", NotEnabled(attempt.backend, " or ".join(self.units)))
             return
         attempt.units = units
-        self._step(attempt, self.run(self._userCommand(attempt, "start", *units)), self._unitsStarted)
+        self._lookAtManager(attempt)
+
+    def _lookAtManager(self, attempt: _Attempt) -> None:
+        """Is the user's manager running, starting, or going away?"""
+        attempt.poll = None
+        uid = attempt.backend.uid
+        command = [
+            self.systemctl, "show", "--property=ActiveState", "--value",
+            f"user@{uid}.service", f"user-runtime-dir@{uid}.service",
+        ]
+        self._step(attempt, self.run(command), self._gotManagerState)
+
+    def _gotManagerState(self, attempt: _Attempt, result: ProcessResult) -> None:
+        if self._failed(attempt, result, f"systemctl show user@{attempt.backend.uid}.service"):
+            return
+        states = result[0].decode("utf-8", "replace").split()
+        if "deactivating" in states:
+            self._waitOutTeardown(attempt)
+            return
+        up = states[:1] in (["active"], ["activating"], ["reloading"])
+        # Up or not, logind may be about to stop it, or be still tidying up.
+        command = [self.loginctl, "show-user", str(attempt.backend.uid), "--property=State", "--value"]
+        self._step(attempt, self.run(command), lambda attempt, result: self._gotUserState(attempt, result, up))
+
+    def _gotUserState(self, attempt: _Attempt, result: ProcessResult, up: bool) -> None:
+        """
+        C{closing}: the user's last session ended, and logind stops their
+        manager after its stop delay and then removes their runtime
+        directory; a start in between dies with the manager, or waits on a
+        directory being removed.  Unless closing takes longer than a stop
+        delay (a closed session that keeps processes), wait for it to end.
+        """
+        closing = result[0].decode("utf-8", "replace").strip() == "closing"
+        if closing and self.reactor.seconds() - attempt.began < CLOSING_WAIT:
+            self._waitOutTeardown(attempt)
+        elif up:
+            self._startUnits(attempt)
+        else:
+            attempt.startedManager = True
+            command = [self.systemctl, "start", f"user@{attempt.backend.uid}.service"]
+            self._step(attempt, self.run(command), self._userManager)
+
+    def _waitOutTeardown(self, attempt: _Attempt) -> None:
+        attempt.child = None
+        attempt.poll = self.reactor.callLater(_TEARDOWN_POLL, self._lookAtManager, attempt)
+
+    def _userManager(self, attempt: _Attempt, result: ProcessResult) -> None:
+        if self._failed(attempt, result, f"systemctl start user@{attempt.backend.uid}.service"):
+            return
+        self._startUnits(attempt)
+
+    def _startUnits(self, attempt: _Attempt) -> None:
+        command = self._asTheUser(attempt, self.systemctl, "--user", "start", *attempt.units)
+        self._step(attempt, self.run(command), self._unitsStarted)
 
     def _provisioned(self, attempt: _Attempt, reason: Optional[BackendUnusable]) -> None:
         attempt.child = None
@@ -380,7 +477,34 @@ class Starter:
                 reason=reason.message,
                 coolDown=self.coolDown,
             )
+            if attempt.startedManager:
+                self._stopManager(backend)
         self._answer(attempt, reason)
+
+    def _stopManager(self, backend: Backend) -> None:
+        """
+        Stop the user's manager this start started for nothing, unless the
+        user logged in meanwhile (their session has it now).
+        """
+        sessions = self.run([self.loginctl, "show-user", str(backend.uid), "--property=Sessions", "--value"])
+
+        def stop(result: ProcessResult) -> Optional[Deferred]:
+            out, _, code = result
+            if code == 0 and out.strip():
+                return None
+            return self.run([self.systemctl, "stop", "--no-block", f"user@{backend.uid}.service"])
+
+        def stopped(result: Optional[ProcessResult]) -> None:
+            if result is not None and result[2] != 0:
+                self.log.warn(
+                    "start: could not stop the manager of user {user} (uid {uid}): {why}",
+                    user=backend.user,
+                    uid=backend.uid,
+                    why=_lastLine(result[1]) or f"exit status {result[2]}",
+                )
+
+        sessions.addCallback(stop).addCallback(stopped)
+        sessions.addErrback(lambda failure: self.log.failure("start: stopping a manager", failure))
 
     def _cleanUp(self, attempt: _Attempt) -> None:
         self._attempts.pop(attempt.backend.uid, None)

@@ -41,3 +41,10 @@ def userSetup():
     What each user runs once, logged in.
     """
     return shellBlocks(EACH_USER)[1]
+
+
+def linger(name):
+    """
+    The admin's linger of user C{name} (as root).
+    """
+    return shellBlocks(EACH_USER)[2].replace("NAME", name)

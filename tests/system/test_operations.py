@@ -14,6 +14,7 @@ import re
 import shutil
 
 import pytest
+import readme
 from conftest import IMAGE, installedMachine, pollUntil
 
 SERVICE = "docker-router.service"
@@ -94,3 +95,15 @@ def test_containerReachesItsOwner(m):
         "-v /run/docker.sock:/var/run/docker.sock -v /usr/local/lib/dr-static-docker:/docker:ro "
         f"{IMAGE} /docker ps --all --format '{{{{.Names}}}}'", user="dr-alice", check=False, timeout=120)
     assert result.returncode == 0 and name in result.stdout.split(), result
+
+
+def test_metricsNextToTheInstalledRouter(m):
+    """
+    Issue 19.3: README's metrics example, run as written on a host with the
+    router installed, serves the installed router's metrics.
+    """
+    try:
+        text = m.run(readme.shellBlocks("Metrics")[0]).stdout
+        assert re.search(r'^docker_router_build_info\{version="[^"]+"\} 1', text, re.M), text
+    finally:
+        m.run(f"rm -f /etc/docker-router/docker-router.toml; systemctl restart {SERVICE}", check=False)

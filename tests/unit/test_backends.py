@@ -121,6 +121,8 @@ class ExplainTests(SynchronousTestCase):
         self.assertEqual(reason.cause, "missing")
         for part in ("systemctl --user start docker", "--force", "loginctl enable-linger alice"):
             self.assertIn(part, reason.message)
+        # Issue 19.3: users can't linger themselves; it is the admin's step.
+        self.assertIn("ask an administrator to run `loginctl enable-linger alice`", reason.message)
 
     def test_refused(self) -> None:
         reason = self.explain(errno.ECONNREFUSED)
@@ -208,6 +210,7 @@ class ForTheUserTests(SynchronousTestCase):
         self.assertIsInstance(reason, NoRuntimeDirectory)
         for part in ("no runtime directory /run/user/1000", "not logged in", "loginctl enable-linger alice"):
             self.assertIn(part, reason.message)
+        self.assertIn("ask an administrator to run `loginctl enable-linger alice`", reason.message)
 
     def test_sameFileSeen(self) -> None:
         for reason in (NotASocket(ALICE), WrongOwner(ALICE, "0"), DaemonRefuses(ALICE)):

@@ -8,7 +8,7 @@ import pwd
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerrouter.doctor import FAIL, NOTE, OK, _currentContext, checkProvisioned, checkSubordinates
+from dockerrouter.doctor import FAIL, NOTE, OK, _currentContext, checkProvisioned, checkSession, checkSubordinates
 from dockerrouter.service.provision import writeRecord
 
 ALICE = pwd.struct_passwd(("alice", "x", 1000, 1000, "", "/home/alice", "/bin/sh"))
@@ -73,8 +73,8 @@ class SubordinateTests(SynchronousTestCase):
         etc = self.etc("bob:400000:65536\nalice:0:10\nbroken\n", "")
         uids, gids = checkSubordinates(ALICE, etc)
         self.assertEqual(uids.status, FAIL)
-        self.assertEqual(uids.fix, "sudo usermod --add-subuids 465536-531071 alice")
-        self.assertEqual(gids.fix, "sudo usermod --add-subgids 100000-165535 alice")
+        self.assertEqual(uids.fix, "as root: usermod --add-subuids 465536-531071 alice")
+        self.assertEqual(gids.fix, "as root: usermod --add-subgids 100000-165535 alice")
 
 
 class ProvisionedTests(SynchronousTestCase):
@@ -89,3 +89,19 @@ class ProvisionedTests(SynchronousTestCase):
         self.assertEqual(check.line(), "--    set up by docker-router: rootless docker at 2026-12-07T19:00:00+0000 "
                          "(start the user's manager, enable docker.service)")
         self.assertEqual(os.stat(os.path.join(records, "1000.json")).st_mode & 0o777, 0o644)
+
+
+class SessionTests(SynchronousTestCase):
+    def test_lingerIsTheAdminsFix(self) -> None:
+        """
+        Issue 19.3: users have no sudo and can't linger themselves: the fix
+        says it is root's command, not one the user runs with sudo.
+        """
+        # A uid with no runtime directory, and no linger.
+        user = pwd.struct_passwd(("nobody-here", "x", 4000000, 4000000, "", "/nonexistent", "/bin/sh"))
+        linger = self.mktemp()
+        os.makedirs(linger)
+        fixes = [check.fix for check in checkSession(user, linger) if check.fix]
+        self.assertEqual(len(fixes), 2)
+        for fix in fixes:
+            self.assertEqual(fix, "as root: loginctl enable-linger nobody-here")

@@ -398,8 +398,7 @@ class StarterHandsOverTests(SynchronousTestCase):
 
     def test_oneProvisioningForEveryoneOfTheUser(self) -> None:
         first, second = self.start(), self.start()
-        self.runner.answer()
-        self.runner.answer(b"")  # nothing enabled
+        self.runner.answer(b"")  # nothing enabled (asked as the user, before any manager runs)
         self.assertEqual(len(self.calls), 1)
         # The start's own 30 s no longer apply: provisioning has its deadline.
         self.clock.advance(60)
@@ -410,8 +409,7 @@ class StarterHandsOverTests(SynchronousTestCase):
 
     def test_failureCoolsDown(self) -> None:
         fired = self.start()
-        self.runner.answer()
-        self.runner.answer(b"")
+        self.runner.answer(b"")  # nothing enabled
         reason = ProvisionFailed(ALICE, "boom")
         self.calls[0].callback(reason)
         self.assertEqual(fired, [reason])
