@@ -14,6 +14,7 @@ knows neither paths nor users.
 """
 
 import os
+import socket
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.internet import defer, error
@@ -25,8 +26,9 @@ from zope.interface import implementer
 
 from dockerrouter.base.logging import RouterLogger
 from dockerrouter.relay.errors import ErrorResponder
+from dockerrouter.relay.handover import HandedRelay, RelayRecord
 from dockerrouter.relay.sockets import Reached, anyAnswers, reach
-from dockerrouter.relay.splice import Splicer
+from dockerrouter.relay.splice import Pipe, Splicer
 from dockerrouter.routing.credentials import Credentials, peerCredentials, peerGroups
 from dockerrouter.routing.reasons import (
     BackendUnusable,
@@ -421,6 +423,54 @@ class ServerProtocol(Protocol):
             end=self.ended or "closed",
         )
         self.factory.release(self, duration)
+
+    def handOver(self) -> Union[HandedRelay, socket.socket, None]:
+        """
+        Give this connection up to the next process (a restart), recording
+        nothing here: a relay's sockets, pipes and record so far; for a
+        client still waiting to be routed, a duplicate of its socket (its
+        request is still in the kernel: the next process routes it afresh);
+        nothing for one being refused, which is cut, or one that has ended.
+        """
+        if self._recorded or self.ended is not None:
+            return None
+        self._recorded = True
+        if self._splicer is not None:
+            handed = self._splicer.handOver()
+            record = RelayRecord(self.client, self.backend, self.startedAt, handed.up, handed.down)
+            return HandedRelay(record, handed)
+        if self._responder is not None:
+            self.transport.abortConnection()
+            return None
+        # Its waits are cancelled as if it had left; the socket is not
+        # closed (nor shut down) here: the duplicate goes on.
+        client: socket.socket = self.transport.getHandle().dup()
+        self.connectionLost()
+        return client
+
+    def resume(
+        self, record: RelayRecord, client: socket.socket, daemon: socket.socket, pipes: tuple[Optional[Pipe], Optional[Pipe]]
+    ) -> None:
+        """
+        Go on with a relay the last process handed over (see L{handOver}),
+        counted by the factory.
+        """
+        self.settings = self.factory.settings
+        self.client = record.client
+        self.backend = record.backend
+        self.route = Route((record.backend,))
+        self.startedAt = record.startedAt
+        self.transport = None
+        self._splicer = Splicer(
+            self.factory.reactor,
+            self.factory.pipes,
+            client,
+            daemon,
+            self._relayEnded,
+            self.factory.budget,
+            self.backend.uid,
+        )
+        self._splicer.resume(record.up, record.down, *pipes)
 
     def bytesMoved(self) -> tuple[int, int]:
         """Bytes to and from Docker so far."""
