@@ -208,3 +208,30 @@ class HandOverTests(IntegrationTestCase):
         status, _, body = parseResponse(unb64(agent.reply()["head"]))
         self.assertEqual(status, 200, router.evidence())
         self.assertEqual(os.stat(router.listenPath).st_ino, inode)
+
+    def test_aWaitingClientIsRoutedByTheNext(self):
+        """
+        A client the router has accepted but not yet relayed (its daemon's
+        backlog is full) is handed over as it is, its request unread, and
+        the next router routes it afresh and relays it.
+        """
+        full = self.harness.startBackend(UID_A, "backlogFull")
+        router = self.manager.start(["--connect-timeout", "60"])
+        before = router.descriptors().get("socket", 0)
+        agent = self.harness.startAgent(UID_A)
+        agent.call("connectAndSend", path=router.listenPath, data=b64(lineRequest()))
+        agent.begin("recvAll", timeout=30)
+        pollUntil(lambda: router.descriptors().get("socket", 0) > before, 10, what="the router to accept")
+        self.manager.stop(router)
+        router.waitLog("handed 0 connections and 1 waiting clients")
+        full.kill()
+        os.unlink(full.path)
+        self.harness.startBackend(UID_A, "http")
+        router = self.manager.start()
+        router.waitLog("resumed 0 connections and 1 waiting clients")
+        reply = agent.reply()
+        self.assertEqual(reply["error"], None)
+        status, _, body = parseResponse(unb64(reply["head"]))
+        self.assertEqual(status, 200, router.evidence())
+        agent.call("close")
+        self.assertEqual(router.connectionDone(agent.pid)["end"], "closed")
