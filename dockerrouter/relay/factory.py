@@ -22,7 +22,8 @@ from dockerrouter.relay.sockets import connectUnix, openSocketFile
 from dockerrouter.relay.splice import Pipe, PipePool
 from dockerrouter.relay.stats import Histogram
 from dockerrouter.relay.workers import RunsJobs, Workers
-from dockerrouter.routing.reasons import TooManyForUser, TooManyInTotal
+from dockerrouter.routing.credentials import peerCredentials
+from dockerrouter.routing.reasons import TooManyForUser, TooManyInTotal, verifyDaemon
 from dockerrouter.routing.route import Backend
 
 
@@ -204,8 +205,15 @@ class RouterFactory(Factory):
         """
         Go on with a relay the last process handed over, counted against
         the caps (it is never refused: it is already live) and drawing on
-        the budget as it did there.
+        the budget as it did there.  Its sockets are checked again first:
+        the record is only as good as the store it came through.
+
+        @raise BackendUnusable: the daemon is not one the client may reach.
+        @raise ValueError: the client is not the one recorded.
         """
+        if peerCredentials(client) != record.client:
+            raise ValueError(f"the client is {peerCredentials(client)}, not {record.client}")
+        verifyDaemon(record.backend, peerCredentials(daemon), self.routerPid())
         relay = cast(ServerProtocol, self.buildProtocol(None))
         relay.settings = self.settings
         relay.backend = record.backend

@@ -40,6 +40,7 @@ from dockerrouter.base.logging import RouterLogger
 from dockerrouter.relay.factory import RouterFactory
 from dockerrouter.relay.handover import HandedRelay, recordFromDict
 from dockerrouter.relay.splice import Pipe, adoptedPipe
+from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.service.notify import notifyAddress
 
 # The memfd with the handed relays' records.
@@ -188,7 +189,19 @@ class HandOverService(Service):
             client = socket.socket(fileno=fds["client"])
             daemon = socket.socket(fileno=fds["docker"])
             pipes = tuple(self._pipe(fds, way) for way in ("up", "down"))
-            self.factory.resume(record, client, daemon, (pipes[0], pipes[1]))
+            try:
+                self.factory.resume(record, client, daemon, (pipes[0], pipes[1]))
+            except (BackendUnusable, ValueError, OSError) as e:
+                self.log.error(
+                    "a relay of uid {uid} the last process handed over is cut: {error}", uid=record.client.uid, error=e
+                )
+                client.close()
+                daemon.close()
+                for pipe in pipes:
+                    if pipe is not None:
+                        os.close(pipe[0])
+                        os.close(pipe[1])
+                continue
             relays += 1
         waiting = 0
         for name in sorted(taken):

@@ -16,12 +16,17 @@ import threading
 from typing import Optional
 
 from twisted.internet import reactor, threads
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dockerrouter.relay.budget import Budget
+from dockerrouter.relay.factory import RouterFactory
+from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.handover import RelayRecord, recordFromDict
 from dockerrouter.relay.splice import PipePool, Progress, Splicer, adoptedPipe
 from dockerrouter.routing.credentials import Credentials
+from dockerrouter.routing.reasons import RouterLoop, WrongOwner
+from dockerrouter.routing.resolver import BackendResolver
 from dockerrouter.routing.route import Backend
 from dockerrouter.service.handover import FdStore
 from tests.unit.test_sockets import pollUntil
@@ -197,3 +202,43 @@ class FdStoreTests(SynchronousTestCase):
         answering.start()
         self.addCleanup(answering.join)
         self.assertTrue(self.store.barrier())
+
+
+class ResumeCheckTests(SynchronousTestCase):
+    """
+    A relay handed over is checked again before it is resumed: the daemon
+    must be one the client may reach, the client the one recorded.
+    """
+
+    def setUp(self) -> None:
+        self.factory = RouterFactory(MemoryReactorClock(), Settings(BackendResolver("/nonexistent/{uid}.sock"), 5))
+        self.addCleanup(self.factory.budget.stop)
+        self.client, self.clientPeer = socket.socketpair()
+        self.daemon, self.daemonPeer = socket.socketpair()
+        for sock in (self.client, self.clientPeer, self.daemon, self.daemonPeer):
+            self.addCleanup(sock.close)
+        me = Credentials(os.getpid(), os.getuid(), os.getgid())
+        self.record = RelayRecord(me, Backend("/run/user/0/docker.sock", os.getuid(), "root"), 0.0, Progress(), Progress())
+
+    def test_resumed(self) -> None:
+        self.factory.routerPid = lambda: -1
+        self.factory.resume(self.record, self.client, self.daemon, (None, None))
+        self.assertEqual((len(self.factory.relays), self.factory.userConnections(os.getuid())), (1, 1))
+        for relay in list(self.factory.relays):
+            relay.abort("test")
+
+    def test_aDaemonOfAnotherOwner(self) -> None:
+        record = RelayRecord(self.record.client, Backend("/run/user/1000/docker.sock", 1000, "alice"), 0.0, Progress(), Progress())
+        self.factory.routerPid = lambda: -1
+        self.assertRaises(WrongOwner, self.factory.resume, record, self.client, self.daemon, (None, None))
+        self.assertEqual(len(self.factory.relays), 0)
+
+    def test_theRouterItself(self) -> None:
+        self.assertRaises(RouterLoop, self.factory.resume, self.record, self.client, self.daemon, (None, None))
+
+    def test_anotherClient(self) -> None:
+        record = RelayRecord(
+            Credentials(os.getpid() + 1, os.getuid(), os.getgid()), self.record.backend, 0.0, Progress(), Progress()
+        )
+        self.factory.routerPid = lambda: -1
+        self.assertRaises(ValueError, self.factory.resume, record, self.client, self.daemon, (None, None))
