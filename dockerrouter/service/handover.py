@@ -6,10 +6,11 @@ Under systemd with a store (C{FileDescriptorStoreMax=}, which systemd 254
 and later announce as C{$FDSTORE}; the unit sets it for older ones), a stop
 hands every live connection over instead of draining: the relays stop where
 they are, and each one's two sockets, and any pipe still holding its bytes,
-go to the store with C{FDSTORE=1} and a name (C{relay.N.client},
-C{relay.N.docker}, C{relay.N.up.read}, ...); a client still waiting to be
-routed goes as C{client.N}; the records so far go in a memfd named
-L{STATE}.  A barrier makes sure systemd has them all, and the process exits
+go to the store with C{FDSTORE=1} and a name (C{relay.PID.N.client},
+C{relay.PID.N.docker}, C{relay.PID.N.up.read}, ...; PID, the handing
+process's, keeps every name unique even if some removal was lost); a client
+still waiting to be routed goes as C{client.PID.N}; the records so far go in
+a memfd named C{state.PID}.  A barrier makes sure systemd has them all, and the process exits
 at once.  The next process finds them in C{LISTEN_FDS}/C{LISTEN_FDNAMES}
 (L{HandOverService.startService}), resumes each relay from where it
 stopped, routes each waiting client afresh, and removes what it took from
@@ -43,8 +44,8 @@ from dockerrouter.relay.splice import Pipe, adoptedPipe
 from dockerrouter.routing.reasons import BackendUnusable
 from dockerrouter.service.notify import notifyAddress
 
-# The memfd with the handed relays' records.
-STATE = "docker-router.state"
+# The memfd with the handed relays' records: this, then the pid.
+STATE = "state."
 # A listening socket's name in the store: this, then its path.
 LISTEN = "listen "
 # How long a hand-over waits for systemd to have taken everything.
@@ -143,7 +144,7 @@ class HandOverService(Service):
     module's docstring).
 
     @param inherited: the descriptors systemd passed, by name; this takes
-        the relays', the waiting clients' and L{STATE} (the listeners are
+        the relays', the waiting clients' and the states (the listeners are
         the listening services').
     @param listeners: how many of the store's places the listening sockets
         hold.
@@ -159,7 +160,7 @@ class HandOverService(Service):
 
     def startService(self) -> None:
         super().startService()
-        names = [name for name in self._inherited if name == STATE or name.startswith(("relay.", "client."))]
+        names = [name for name in self._inherited if name.startswith((STATE, "relay.", "client."))]
         taken = {name: _taken(self._inherited.pop(name)) for name in names}
         if taken:
             self._pickUp(taken)
@@ -169,18 +170,17 @@ class HandOverService(Service):
     def _pickUp(self, taken: dict[str, int]) -> None:
         """Resume the relays in C{taken}, route its clients, close the rest."""
         relays = 0
-        stateFd = taken.pop(STATE, None)
         entries: list[Any] = []
-        if stateFd is not None:
-            with os.fdopen(stateFd, "rb") as f:
+        for name in [name for name in taken if name.startswith(STATE)]:
+            with os.fdopen(taken.pop(name), "rb") as f:
                 f.seek(0)
                 try:
-                    entries = json.load(f)["relays"]
+                    entries += json.load(f)["relays"]
                 except (ValueError, KeyError, TypeError) as e:
                     self.log.error("the last process's state is unreadable ({error}): its relays are cut", error=e)
         for entry in entries:
             try:
-                prefix = f"relay.{int(entry['id'])}."
+                prefix = str(entry["prefix"])
                 record = recordFromDict(entry["record"])
                 fds = {part: taken.pop(prefix + part) for part in entry["parts"]}
             except (KeyError, TypeError, ValueError) as e:
@@ -242,6 +242,7 @@ class HandOverService(Service):
 
     def _store(self, relays: list[HandedRelay], waiting: list[socket.socket]) -> None:
         room = self.store.limit - self._listeners - 1  # and the state
+        pid = os.getpid()
         entries = []
         cut = 0
         for n, handed in enumerate(relays):
@@ -251,18 +252,18 @@ class HandOverService(Service):
                 continue
             room -= len(parts)
             for part, fd in parts.items():
-                self.store.store(f"relay.{n}.{part}", fd, poll=False)
-            entries.append({"id": n, "parts": sorted(parts), "record": handed.record.toDict()})
+                self.store.store(f"relay.{pid}.{n}.{part}", fd, poll=False)
+            entries.append({"prefix": f"relay.{pid}.{n}.", "parts": sorted(parts), "record": handed.record.toDict()})
         stored = 0
         for n, client in enumerate(waiting):
             if stored < room:
                 stored += 1
-                self.store.store(f"client.{n}", client.fileno(), poll=False)
+                self.store.store(f"client.{pid}.{n}", client.fileno(), poll=False)
         cut += len(waiting) - stored
-        with os.fdopen(os.memfd_create(STATE, os.MFD_CLOEXEC), "wb") as state:
+        with os.fdopen(os.memfd_create(f"{STATE}{pid}", os.MFD_CLOEXEC), "wb") as state:
             state.write(json.dumps({"relays": entries}).encode())
             state.flush()
-            self.store.store(STATE, state.fileno())
+            self.store.store(f"{STATE}{pid}", state.fileno())
         confirmed = self.store.barrier()
         self.log.info(
             "handed {relays} connections and {waiting} waiting clients to the next process"
