@@ -32,6 +32,7 @@ import json
 import os
 import select
 import socket
+import time
 from typing import Any, Mapping, Optional
 
 from twisted.application.service import Service
@@ -164,20 +165,32 @@ class HandOverService(Service):
         taken = {name: _taken(self._inherited.pop(name)) for name in names}
         if taken:
             self._pickUp(taken)
-            for name in names:
-                self.store.remove(name)
+            try:
+                for name in names:
+                    self.store.remove(name)
+            except OSError as e:
+                # Handed again, they are found older than the next
+                # hand-over's, and closed.
+                self.log.warn("cannot remove what it took from systemd's store: {error}", error=e)
 
     def _pickUp(self, taken: dict[str, int]) -> None:
-        """Resume the relays in C{taken}, route its clients, close the rest."""
+        """
+        Resume the relays of the last hand-over in C{taken}, route its
+        waiting clients, and close the rest (what an earlier hand-over left,
+        had a removal been lost: the same connections, older).
+        """
         relays = 0
-        entries: list[Any] = []
+        latest: dict[str, Any] = {"handedAt": -1.0, "pid": None, "relays": []}
         for name in [name for name in taken if name.startswith(STATE)]:
             with os.fdopen(taken.pop(name), "rb") as f:
                 f.seek(0)
                 try:
-                    entries += json.load(f)["relays"]
+                    state = json.load(f)
+                    if float(state["handedAt"]) > latest["handedAt"]:
+                        latest = state
                 except (ValueError, KeyError, TypeError) as e:
                     self.log.error("the last process's state is unreadable ({error}): its relays are cut", error=e)
+        entries = latest["relays"]
         for entry in entries:
             try:
                 prefix = str(entry["prefix"])
@@ -206,7 +219,7 @@ class HandOverService(Service):
         waiting = 0
         for name in sorted(taken):
             fd = taken.pop(name)
-            if name.startswith("client."):
+            if name.startswith(f"client.{latest['pid']}."):
                 self.factory.adopt(socket.socket(fileno=fd))
                 waiting += 1
             else:
@@ -261,7 +274,7 @@ class HandOverService(Service):
                 self.store.store(f"client.{pid}.{n}", client.fileno(), poll=False)
         cut += len(waiting) - stored
         with os.fdopen(os.memfd_create(f"{STATE}{pid}", os.MFD_CLOEXEC), "wb") as state:
-            state.write(json.dumps({"relays": entries}).encode())
+            state.write(json.dumps({"handedAt": time.time(), "pid": pid, "relays": entries}).encode())
             state.flush()
             self.store.store(f"{STATE}{pid}", state.fileno())
         confirmed = self.store.barrier()

@@ -52,6 +52,8 @@ class ServiceManager:
         self.sock.bind(self.path)
         self.store = []  # (name, fd), in the order stored
         self.messages = []
+        # Whether FDSTOREREMOVE=1 is ignored (as if lost).
+        self.dropRemovals = False
         self._lock = threading.Lock()
         # Handles each datagram as it comes, as systemd does (a router
         # waits for its barrier; a removal closes systemd's copy at once).
@@ -78,13 +80,20 @@ class ServiceManager:
         if fields.get("FDSTORE") == "1":
             for fd in fds:
                 self.store.append((fields["FDNAME"], fd))
-        elif fields.get("FDSTOREREMOVE") == "1":
+        elif fields.get("FDSTOREREMOVE") == "1" and not self.dropRemovals:
             for name, fd in [entry for entry in self.store if entry[0] == fields["FDNAME"]]:
                 os.close(fd)
                 self.store.remove((name, fd))
         else:
             for fd in fds:  # BARRIER=1: closing it is the answer
                 os.close(fd)
+
+    def closeAllBut(self, prefix):
+        """Close what the store holds but names starting with C{prefix}."""
+        with self._lock:
+            for name, fd in [entry for entry in self.store if not entry[0].startswith(prefix)]:
+                os.close(fd)
+                self.store.remove((name, fd))
 
     def names(self):
         with self._lock:
@@ -164,6 +173,30 @@ class HandOverTests(IntegrationTestCase):
             (record["to_docker"], record["from_docker"], record["end"], record["uid"]),
             (str(count * 9), str(count * 9), "closed", str(UID_A)),
         )
+
+    def test_anOlderHandOverIsIgnored(self):
+        """
+        Had the store lost a router's removals, the next router finds two
+        hand-overs of the same relay: it resumes the latest only, and the
+        stream goes on whole.
+        """
+        count = 2000
+        backend = self.harness.startBackend(UID_A, "counter", count=count, pause=0.002)
+        self.manager.dropRemovals = True
+        router = self.manager.start()
+        agent = self.harness.startAgent(UID_A)
+        agent.call("connect", path=router.listenPath)
+        agent.begin("echoCounter")
+        for restart in (1, 2):
+            pollUntil(lambda: backend.last("sent", "lines", 0) >= restart * 500, 30, what="the counter to go on")
+            router = self.manager.restart(router)
+        router.waitLog("resumed 1 connections and 0 waiting clients")
+        # (The removals systemd would have done, so that the daemon sees its end.)
+        self.manager.closeAllBut("listen ")
+        reply = agent.reply(60)
+        self.assertEqual((reply["lines"], reply["rest"], reply["error"]), (count, 0, None), router.evidence())
+        echoed = backend.waitEvent("echoed")[1]
+        self.assertEqual((echoed["lines"], echoed["rest"], echoed["error"]), (count, 0, None))
 
     def test_halfClosed(self):
         """
