@@ -13,7 +13,7 @@ import stat
 from typing import IO, Any, Callable, Optional, Union, cast
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import tcp, unix
+from twisted.internet import endpoints, tcp, unix
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, _ISupportsExitSignalCapturing
@@ -73,7 +73,7 @@ def keepAcceptLogger(port: tcp.Port) -> None:
 
 
 def guardStop(
-    port: unix.Port, own: Optional[tuple[int, int]], leftAlone: Callable[[str], None]
+    port: unix.Port, own: Optional[tuple[int, int]], leftAlone: Callable[[str], None], keepLock: bool = False
 ) -> None:
     """
     Make a Unix port's stop leave alone what isn't its own.
@@ -85,6 +85,10 @@ def guardStop(
     systemd's hands too, and its path is systemd's.  A socket the router
     bound is unlinked only while the path still holds it (C{own}); any other
     file there is someone else's, and C{leftAlone} is told its path.
+    C{keepLock}: the socket outlives this process (systemd's file
+    descriptor store holds it), so its lock file is left too, to go stale
+    with this process (the next router takes it over, or, binding anew,
+    removes the path it guards).
 
     Assumes: C{unix.Port.connectionLost} does nothing but unlink the path,
     release C{lockFile}, and call C{tcp.Port.connectionLost}; that
@@ -104,11 +108,24 @@ def guardStop(
                     leftAlone(path)
             except FileNotFoundError:
                 pass
-        if port.lockFile is not None:
+        if port.lockFile is not None and not keepLock:
             port.lockFile.unlock()
         tcp.Port.connectionLost(port, reason)
 
     port.connectionLost = connectionLost  # type: ignore[method-assign]  # on this port only
+
+
+def inheritedDescriptors() -> dict[str, int]:
+    """
+    The descriptors systemd passed this process (C{LISTEN_FDS}), by name
+    (C{LISTEN_FDNAMES}): its sockets' listeners and what its file descriptor
+    store held.
+
+    Assumes: Twisted's C{systemd:} endpoint parser reads (and removes from
+    the environment) C{LISTEN_FDS} once, when L{twisted.internet.endpoints}
+    is imported, into the L{ListenFDs} it keeps as C{_sddaemon}.
+    """
+    return endpoints._SystemdParser._sddaemon.inheritedNamedDescriptors()
 
 
 def lockHolder(path: str) -> Optional[int]:

@@ -5,8 +5,10 @@ status read.
 """
 
 import os
+import socket
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Set, cast
+from weakref import WeakSet
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
@@ -14,13 +16,15 @@ from twisted.internet.protocol import Factory
 from dockerrouter.base.logging import ConnectionRecords, RejectionLog, RouterLogger
 from dockerrouter.relay.budget import Budget
 from dockerrouter.relay.cached import CachedOpener
+from dockerrouter.relay.handover import HandedRelay, RelayRecord
 from dockerrouter.relay.protocol import ConnectionsFactory, ServerProtocol
 from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.sockets import connectUnix, openSocketFile
-from dockerrouter.relay.splice import PipePool
+from dockerrouter.relay.splice import Pipe, PipePool
 from dockerrouter.relay.stats import Histogram
 from dockerrouter.relay.workers import RunsJobs, Workers
-from dockerrouter.routing.reasons import BackendUnusable, TooManyForUser, TooManyInTotal
+from dockerrouter.routing.credentials import peerCredentials
+from dockerrouter.routing.reasons import BackendUnusable, TooManyForUser, TooManyInTotal, verifyDaemon
 from dockerrouter.routing.route import Backend
 
 
@@ -75,6 +79,8 @@ class RouterFactory(Factory):
         self.openCached: Callable[[str], tuple[int, os.stat_result]] = CachedOpener(reactor.seconds)
         self.budget = budget if budget is not None else Budget(reactor)
         self.relays: Set[ServerProtocol] = set()
+        # Every connection, counted or not yet (a restart hands them all over).
+        self._connections: "WeakSet[ServerProtocol]" = WeakSet()
         self._perUser: dict[int, int] = {}
         # Of those, per user: the refused ones being answered.
         self._refused: dict[int, Set[ServerProtocol]] = {}
@@ -97,6 +103,11 @@ class RouterFactory(Factory):
         # Histograms (with an observe method) that metrics may set.
         self.durations: Optional[Histogram] = None
         self.connectTimes: Optional[Histogram] = None
+
+    def buildProtocol(self, addr: Any) -> Optional[ServerProtocol]:  # type: ignore[override]  # Factory is generic only to type checkers
+        relay = cast(ServerProtocol, super().buildProtocol(addr))
+        self._connections.add(relay)
+        return relay
 
     def relayed(self, connectSeconds: float, template: str = "") -> None:
         """A connection is relayed: count it, and by the socket it went to."""
@@ -134,8 +145,13 @@ class RouterFactory(Factory):
             raise TooManyInTotal(relay.backend, str(settings.maxConnections))
         if settings.maxConnectionsPerUser is not None and held >= settings.maxConnectionsPerUser:
             raise TooManyForUser(relay.backend, str(settings.maxConnectionsPerUser))
+        self._hold(relay)
+
+    def _hold(self, relay: ServerProtocol) -> None:
+        """Count C{relay}, within the caps or not (see L{resume})."""
+        uid = relay.backend.uid
         self.relays.add(relay)
-        self._perUser[uid] = held + 1
+        self._perUser[uid] = self._perUser.get(uid, 0) + 1
 
     def admitRefused(self, relay: ServerProtocol) -> bool:
         """
@@ -206,6 +222,54 @@ class RouterFactory(Factory):
             waiting, self._whenIdle = self._whenIdle, []
             for d in waiting:
                 d.callback(None)
+
+    def handOver(self) -> tuple[list[HandedRelay], list[socket.socket]]:
+        """
+        Give up every connection to the next process (a restart): each
+        relay's sockets, pipes and record so far, and the sockets of the
+        clients still waiting to be routed (see L{ServerProtocol.handOver}).
+        Nothing is relayed or recorded here any more.
+        """
+        relays: list[HandedRelay] = []
+        waiting: list[socket.socket] = []
+        for connection in list(self._connections):
+            handed = connection.handOver()
+            if isinstance(handed, HandedRelay):
+                relays.append(handed)
+            elif handed is not None:
+                waiting.append(handed)
+        self.relays.clear()
+        self._perUser.clear()
+        self._refused.clear()
+        return relays, waiting
+
+    def resume(
+        self, record: RelayRecord, client: socket.socket, daemon: socket.socket, pipes: tuple[Optional[Pipe], Optional[Pipe]]
+    ) -> None:
+        """
+        Go on with a relay the last process handed over, counted against
+        the caps (it is never refused: it is already live) and drawing on
+        the budget as it did there.  Its sockets are checked again first:
+        the record is only as good as the store it came through.
+
+        @raise BackendUnusable: the daemon is not one the client may reach.
+        @raise ValueError: the client is not the one recorded.
+        """
+        if peerCredentials(client) != record.client:
+            raise ValueError(f"the client is {peerCredentials(client)}, not {record.client}")
+        verifyDaemon(record.backend, peerCredentials(daemon), self.routerPid())
+        relay = cast(ServerProtocol, self.buildProtocol(None))
+        relay.settings = self.settings
+        relay.backend = record.backend
+        self._hold(relay)
+        if relay.settings.usersKept:
+            self._recentUser(relay.backend)
+        relay.resume(record, client, daemon, pipes)
+
+    def adopt(self, client: socket.socket) -> None:
+        """Route a client the last process accepted as if just accepted here."""
+        self.reactor.adoptStreamConnection(client.fileno(), socket.AF_UNIX, self)
+        client.close()  # the reactor made its own duplicate
 
     def drain(self, timeout: float) -> Deferred:
         """

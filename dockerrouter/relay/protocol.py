@@ -33,9 +33,10 @@ from zope.interface import implementer
 from dockerrouter.base.logging import ConnectionRecords, RouterLogger
 from dockerrouter.relay.budget import Budget
 from dockerrouter.relay.errors import ErrorResponder, answerAndClose
+from dockerrouter.relay.handover import HandedRelay, RelayRecord
 from dockerrouter.relay.settings import Settings
 from dockerrouter.relay.sockets import Reached, anyAnswers, reach
-from dockerrouter.relay.splice import PipePool, Splicer
+from dockerrouter.relay.splice import Pipe, PipePool, Splicer
 from dockerrouter.relay.workers import RunsJobs
 from dockerrouter.routing.credentials import Credentials, peerCredentials
 from dockerrouter.routing.reasons import (
@@ -502,12 +503,8 @@ class ServerProtocol(Protocol):
         endedIn, self.state = self.state, State.ENDED
         if why is not None:
             self._endAs(why)
-        pending, self._pending = self._pending, None
         try:
-            if isinstance(pending, Deferred):
-                pending.cancel()
-            elif pending is not None and pending.active():
-                pending.cancel()
+            self._stopWaiting()
             if self._responder is not None:
                 self._responder.connectionLost()
             if self._splicer is not None:
@@ -516,6 +513,14 @@ class ServerProtocol(Protocol):
                 self.transport.abortConnection()
         finally:
             self._record(endedIn)
+
+    def _stopWaiting(self) -> None:
+        """Cancel what the connection waits on (a Deferred or a timer)."""
+        pending, self._pending = self._pending, None
+        if isinstance(pending, Deferred):
+            pending.cancel()
+        elif pending is not None and pending.active():
+            pending.cancel()
 
     def _endAs(self, why: str) -> None:
         """Remember how the connection ended; the first cause is the cause."""
@@ -544,6 +549,57 @@ class ServerProtocol(Protocol):
             end=self.ended or "closed",
         )
         self.factory.release(self, duration)
+
+    def handOver(self) -> Union[HandedRelay, socket.socket, None]:
+        """
+        Give this connection up to the next process (a restart), recording
+        nothing here: a relay's sockets, pipes and record so far; for a
+        client still waiting to be routed, a duplicate of its socket (its
+        request is still in the kernel: the next process routes it afresh);
+        nothing for one being refused, which is cut, or one that has ended.
+        """
+        if self.state is State.ENDED:
+            return None
+        handedIn, self.state = self.state, State.ENDED
+        self._stopWaiting()
+        if handedIn is State.RELAYING:
+            assert self._splicer is not None
+            handed = self._splicer.handOver()
+            record = RelayRecord(self.client, self.backend, self.startedAt, handed.up, handed.down)
+            return HandedRelay(record, handed)
+        if handedIn is State.ANSWERING:
+            if self._responder is not None:
+                self._responder.connectionLost()
+            self.transport.abortConnection()
+            return None
+        # Nothing is closed (nor shut down) here: the duplicate goes on.
+        client: socket.socket = self.transport.getHandle().dup()
+        return client
+
+    def resume(
+        self, record: RelayRecord, client: socket.socket, daemon: socket.socket, pipes: tuple[Optional[Pipe], Optional[Pipe]]
+    ) -> None:
+        """
+        Go on with a relay the last process handed over (see L{handOver}),
+        counted by the factory.
+        """
+        self.settings = self.factory.settings
+        self.client = record.client
+        self.backend = record.backend
+        self.route = Route((record.backend,))
+        self.startedAt = record.startedAt
+        self.transport = None
+        self.state = State.RELAYING
+        self._splicer = Splicer(
+            self.factory.reactor,
+            self.factory.pipes,
+            client,
+            daemon,
+            self._relayEnded,
+            self.factory.budget,
+            self.backend.uid,
+        )
+        self._splicer.resume(record.up, record.down, *pipes)
 
     def bytesMoved(self) -> tuple[int, int]:
         """Bytes to and from Docker so far."""

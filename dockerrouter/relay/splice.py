@@ -40,6 +40,7 @@ import struct
 import termios
 from typing import Any, Callable, Optional
 
+from attrs import frozen
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
@@ -49,6 +50,7 @@ from dockerrouter.relay.limits import pipesFor
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 # A bulk transfer's read into its (big) pipe, and its sink's send buffer.
 BIG = 1024 * 1024
@@ -168,6 +170,11 @@ class PipePool:
                 self._close(idle.pop())
 
 
+def adoptedPipe(read: int, write: int) -> Pipe:
+    """A pipe another process made (see L{Splicer.handOver}), as the pool lends them."""
+    return read, write, fcntl.fcntl(write, _F_GETPIPE_SZ) >= BIG
+
+
 def _closePipe(pipe: Pipe) -> None:
     os.close(pipe[0])
     os.close(pipe[1])
@@ -231,6 +238,36 @@ class _Direction:
     def given(self, pipe: Pipe) -> None:
         """The L{PipePool} hands the pipe this direction waited for."""
         self.sink.splicer._given(self, pipe)
+
+
+@frozen
+class Progress:
+    """
+    How far one direction got: bytes taken from its source, whether the
+    source has ended (C{eof}), and whether that end has been passed on to
+    the sink (C{done}); C{big}: it held a grant of the L{Budget}.
+    """
+
+    count: int = 0
+    eof: bool = False
+    done: bool = False
+    big: bool = False
+
+
+@frozen
+class Handed:
+    """
+    A stopped relay as another process may resume it (L{Splicer.resume}):
+    its two sockets, each direction's progress, and each direction's pipe
+    while it still holds bytes (read end, write end), or C{None}.
+    """
+
+    client: socket.socket
+    daemon: socket.socket
+    up: Progress
+    down: Progress
+    upPipe: Optional[tuple[int, int]]
+    downPipe: Optional[tuple[int, int]]
 
 
 @implementer(IReadWriteDescriptor)
@@ -360,6 +397,53 @@ class Splicer:
         # A client usually sends its request as soon as it has connected:
         # take it now rather than after another turn of the reactor.
         self._fill(self._up)
+
+    def handOver(self) -> Handed:
+        """
+        Stop relaying (without a word to C{ended}) and give up everything
+        this relay holds, closing nothing: bytes already in a pipe stay
+        there, so another process that resumes it from the same sockets
+        and pipes loses, repeats and reorders nothing.
+        """
+        self._running = False
+        for end in (self._client, self._daemon):
+            end.read(False)
+            end.write(False)
+        directions = []
+        for d in (self._up, self._down):
+            pipe = None
+            if d.pipe is not None:
+                if d.pending:
+                    pipe = d.pipe[:2]
+                else:
+                    self._pool.give(d.pipe)
+                d.pipe = None
+                d.pending = 0
+            directions.append((Progress(d.count, d.eof, d.done, d.big), pipe))
+            if d.big:
+                # The grant goes with the relay; the sink keeps its buffer.
+                self._release(d)
+        self._closed = True
+        self._forget()
+        (up, upPipe), (down, downPipe) = directions
+        return Handed(self._client.sock, self._daemon.sock, up, down, upPipe, downPipe)
+
+    def resume(self, up: Progress, down: Progress, upPipe: Optional[Pipe], downPipe: Optional[Pipe]) -> None:
+        """
+        Go on relaying from where another process stopped (see
+        L{handOver}): what its pipes hold is passed on first.
+        """
+        self._running = True
+        for d, progress, pipe in ((self._up, up, upPipe), (self._down, down, downPipe)):
+            d.count, d.eof, d.done, d.sized = progress.count, progress.eof, progress.done, True
+            if pipe is not None:
+                d.pipe = pipe
+                d.pending = struct.unpack("i", fcntl.ioctl(pipe[0], termios.FIONREAD, b"\0\0\0\0"))[0]
+            if progress.big:
+                self._grow(d)
+        for d in (self._up, self._down):
+            if self._running and not d.done:
+                self._drain(d)
 
     def stop(self) -> None:
         """Stop relaying (without a word to C{ended}); the sockets stay open."""

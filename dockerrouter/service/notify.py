@@ -23,6 +23,14 @@ from dockerrouter.base.logging import RouterLogger
 STATUS_INTERVAL = 5.0
 
 
+def notifyAddress(environ: Mapping[str, str]) -> Optional[str]:
+    """Where C{$NOTIFY_SOCKET} says systemd listens, or C{None}."""
+    address = environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    return address if address.startswith(("/", "\0")) else None
+
+
 class Notifier:
     """
     Sends sd_notify datagrams, or nothing when there is no C{$NOTIFY_SOCKET}.
@@ -31,13 +39,9 @@ class Notifier:
     log = RouterLogger()
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        address = environ.get("NOTIFY_SOCKET", "")
-        self._address: Optional[str] = None
+        self._address = notifyAddress(environ)
         self._socket: Optional[socket.socket] = None
-        if address.startswith("@"):
-            address = "\0" + address[1:]
-        if address.startswith(("/", "\0")):
-            self._address = address
+        if self._address is not None:
             self._socket = socket.socket(
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
             )

@@ -20,13 +20,14 @@ from twisted.internet.endpoints import (
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
-from twisted.python import usage
+from twisted.python import lockfile, usage
 
 from dockerrouter import __version__
 from dockerrouter.base._compat import (
     dropOwnLock,
     forgetExitSignal,
     guardStop,
+    inheritedDescriptors,
     keepAcceptLogger,
     listeningPort,
     lockHolder,
@@ -40,6 +41,7 @@ from dockerrouter.relay.settings import Settings
 from dockerrouter.routing.rules import checkTemplate
 from dockerrouter.service.config import FileOptions, Reloader, settingsFrom
 from dockerrouter.service.control import controlSite
+from dockerrouter.service.handover import LISTEN, FdStore, HandOverService, listenName
 from dockerrouter.relay.limits import AcceptBackoff, raiseDescriptorLimit
 from dockerrouter.base.logging import RouterLogger
 from dockerrouter.service.logfiles import FileLogsService
@@ -381,19 +383,33 @@ class _ListeningService(StreamServerEndpointService):
     """
     Listens on one endpoint, guards its accepting against running out of
     descriptors, and on stop leaves alone what isn't its own (see
-    L{guardStop}).
+    L{guardStop}).  With systemd's file descriptor store (C{store}), a
+    socket it binds goes to the store at once and outlives the process;
+    the next process adopts it (C{kept}: its descriptor, given here).
     """
 
     log = RouterLogger()
 
-    def __init__(self, description: str, endpoint: Any, reactor: Any, factory: RouterFactory) -> None:
+    def __init__(
+        self,
+        description: str,
+        endpoint: Any,
+        reactor: Any,
+        factory: RouterFactory,
+        store: Optional[FdStore] = None,
+        kept: Optional[int] = None,
+    ) -> None:
         super().__init__(endpoint, factory)
         raiseListenErrors(self)
         self.description = description
         self._reactor = reactor
+        self._store = store
+        self._kept = kept
 
     def privilegedStartService(self) -> None:
         path = _unixPath(self.description)
+        if self._kept is not None and path is not None:
+            self._lockKept(path)
         try:
             super().privilegedStartService()
         except CannotListenError as e:
@@ -406,15 +422,31 @@ class _ListeningService(StreamServerEndpointService):
         except Exception as e:
             raise _refuse(self.description, str(e))
         port = listeningPort(self)
-        if path is None:
-            # Adopted from systemd, which set its backlog; Twisted listen()s
-            # again with its own default of 50.
+        if path is None or self._kept is not None:
+            # Adopted (from systemd's socket unit or its store), with the
+            # backlog it was made with; Twisted listen()s again with its
+            # own default of 50.
             port.socket.listen(DEFAULT_BACKLOG)
+        if path is None:
             guardStop(port, None, self._leftAlone)
+        elif self._store is not None and self._store.enabled:
+            if self._kept is None:
+                self._store.store(listenName(path), port.fileno())
+            guardStop(port, None, self._leftAlone, keepLock=True)
         else:
             guardStop(port, bindInode(path), self._leftAlone)
         AcceptBackoff(self._reactor, port)
         keepAcceptLogger(port)
+
+    def _lockKept(self, path: str) -> None:
+        """
+        Hold the lock of a kept socket's path (left stale by the last
+        process), as binding it would have, if the description asks for one.
+        """
+        if ":lockfile=1" not in self.description:
+            return
+        if not lockfile.FilesystemLock(path + ".lock").lock():
+            raise _refuse(self.description, _anotherRouter(lockHolder(path)))
 
     def _leftAlone(self, path: str) -> None:
         self.log.warn(
@@ -461,7 +493,21 @@ class _DrainService(Service):
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    endpoints = [(d, _endpointFor(reactor, d)) for d in options["listen"]]
+    store = FdStore()
+    inherited = inheritedDescriptors()
+    listeners = []
+    for description in options["listen"]:
+        path = _unixPath(description)
+        kept = inherited.pop(listenName(path), None) if path is not None else None
+        if kept is not None:
+            endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, kept, socket.AF_UNIX)
+        else:
+            endpoint = _endpointFor(reactor, description)
+        listeners.append((description, endpoint, kept))
+    for name in [name for name in inherited if name.startswith(LISTEN)]:
+        # A socket the last process listened on that no --listen names now.
+        os.close(inherited.pop(name))
+        store.remove(name)
     log = RouterLogger()
     before, limit = raiseDescriptorLimit()
     log.info(
@@ -507,9 +553,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     notifier = Notifier()
     top = MultiService()
     FileLogsService().setServiceParent(top)
-    _DrainService(factory).setServiceParent(top)
-    for description, endpoint in endpoints:
-        _ListeningService(description, endpoint, reactor, factory).setServiceParent(top)
+    # Started before the listeners (a resumed relay is counted before any
+    # new client), stopped after them (nothing is accepted any more).
+    stored = sum(1 for description, _, _ in listeners if _unixPath(description) is not None)
+    HandOverService(factory, store, inherited, stored).setServiceParent(top)
+    if not store.enabled:
+        _DrainService(factory).setServiceParent(top)
+    for description, endpoint, kept in listeners:
+        _ListeningService(description, endpoint, reactor, factory, store, kept).setServiceParent(top)
     if options["metrics"]:
         site = RouterMetrics(factory, reload.counts).site()
         for description in options["metrics"]:

@@ -252,8 +252,54 @@ def _serveLastWords(conn, conf):
     emit(event="sent", bytes=conf["size"])
 
 
+def _counterLines(data, expected):
+    """
+    Check the counter lines in C{data} (whole lines) follow on from
+    C{expected}: the next expected number, or raise.
+    """
+    for line in data.splitlines():
+        if int(line) != expected:
+            raise AssertionError("counter went from %d to %s" % (expected - 1, line))
+        expected += 1
+    return expected
+
+
+def _serveCounter(conn, conf):
+    """
+    Stream a counter, a line of 8 digits every C{pause} seconds, C{count}
+    lines in all, then half-close; at the same time read back what the
+    client echoes, which must be the same counter, to its EOF.  Progress
+    goes out every 100 lines, and the echo's check at the end.
+    """
+
+    def echoed():
+        expected, rest, total = 0, b"", 0
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                total += len(data)
+                lines, _, rest = (rest + data).rpartition(b"\n")
+                expected = _counterLines(lines, expected)
+            emit(event="echoed", lines=expected, bytes=total, rest=len(rest), error=None)
+        except Exception as e:
+            emit(event="echoed", lines=expected, bytes=total, rest=len(rest), error=repr(e))
+
+    reader = threading.Thread(target=echoed)
+    reader.start()
+    for n in range(conf["count"]):
+        conn.sendall(b"%08d\n" % n)
+        if n % 100 == 99:
+            emit(event="sent", lines=n + 1)
+        time.sleep(conf.get("pause", 0.001))
+    conn.shutdown(socket.SHUT_WR)
+    reader.join()
+
+
 _MODES = {
     "lastWords": _serveLastWords,
+    "counter": _serveCounter,
     "http": _serveHttp,
     "echo": _serveEcho,
     "record": _serveRecord,
@@ -646,6 +692,29 @@ class Agent:
         received = recvAll(self.sock, keep=0)
         thread.join()
         return {"sent": result, "received": received}
+
+    def op_echoCounter(self):
+        """
+        Read the daemon's counter (see L{_serveCounter}), check it has no
+        gap and no repeat, and send each whole line back as it comes; at
+        its end, half-close.
+        """
+        expected, rest, total = 0, b"", 0
+        error = None
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                total += len(data)
+                lines, _, rest = (rest + data).rpartition(b"\n")
+                if lines:
+                    expected = _counterLines(lines, expected)
+                    self.sock.sendall(lines + b"\n")
+            self.sock.shutdown(socket.SHUT_WR)
+        except Exception as e:
+            error = repr(e)
+        return {"lines": expected, "bytes": total, "rest": len(rest), "error": error}
 
     def op_raw(self, path, data, shutdown=False, keep=1 << 20, timeout=30):
         """

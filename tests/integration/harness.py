@@ -316,12 +316,20 @@ class Agent(Child):
         """
         Run one operation of L{children.Agent} and return its reply.
         """
+        self.begin(op, **args)
+        return self.reply(seconds)
+
+    def begin(self, op, **args):
+        """Start one operation (see L{call}); its reply comes from L{reply}."""
         self.process.stdin.write((json.dumps(dict(op=op, **args)) + "\n").encode())
         self.process.stdin.flush()
+
+    def reply(self, seconds=60):
+        """The reply to the operation L{begin} started."""
         index, reply = self.waitEvent("reply", seconds, self._next)
         self._next = index + 1
         if "exception" in reply:
-            raise AssertionError("%s: %s failed: %s" % (self.name, op, reply["detail"]))
+            raise AssertionError("%s: %s failed: %s" % (self.name, reply.get("op", "an operation"), reply["detail"]))
         return reply
 
 
@@ -332,7 +340,7 @@ class Router:
     """
 
     def __init__(
-        self, directory, name="router", listenPath=None, template=None, args=(), wrapper=(), listen=None
+        self, directory, name="router", listenPath=None, template=None, args=(), wrapper=(), listen=None, passFds=()
     ):
         """
         @param directory: where its log, output and (by default) socket go;
@@ -340,6 +348,7 @@ class Router:
         @param template: C{--user-socket}, or C{None} for the default.
         @param listen: the C{--listen} endpoint, if not a Unix socket at
             C{listenPath}.
+        @param passFds: descriptors the process inherits (for C{wrapper}).
         """
         self.name = name
         self.listenPath = listenPath or os.path.join(directory, "%s.sock" % (name,))
@@ -365,6 +374,7 @@ class Router:
                 stderr=subprocess.STDOUT,
                 cwd=directory,
                 start_new_session=True,
+                pass_fds=passFds,
             )
         finally:
             output.close()
@@ -592,7 +602,7 @@ class Harness:
         return path
 
     def startRouter(
-        self, args=(), template=None, listenPath=None, wrapper=(), ready=True, listen=None
+        self, args=(), template=None, listenPath=None, wrapper=(), ready=True, listen=None, passFds=()
     ):
         """
         Start a router; by default wait until it accepts connections.
@@ -608,6 +618,7 @@ class Harness:
             args,
             wrapper,
             listen,
+            passFds,
         )
         self.track(router)
         if ready:

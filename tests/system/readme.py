@@ -29,6 +29,13 @@ def installRouter():
     return shellBlocks("Install and run")[0]
 
 
+def upgradeRouter():
+    """
+    The upgrade section's one command (as root, in the repository).
+    """
+    return shellBlocks("Upgrade")[0]
+
+
 def installDocker():
     """
     The per-host rootless Docker packages (as root).

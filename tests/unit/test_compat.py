@@ -176,6 +176,26 @@ class PortTests(TestCase):
 
         return port.stopListening().addCallback(stopped)
 
+    def test_keptWithItsLock(self):
+        """
+        A socket the store keeps (C{keepLock}): its stop leaves it at its
+        path, listening, and its lock file in place, to go stale with this
+        process.
+        """
+        port = self.listen(wantPID=True)
+        _compat.guardStop(port, None, self.fail, keepLock=True)
+        kept = socket.socket(fileno=os.dup(port.fileno()))
+        self.addCleanup(kept.close)
+
+        def stopped(_):
+            self.assertTrue(os.path.exists(self.path))
+            self.assertEqual(lockfile.readlink(self.path + ".lock"), str(os.getpid()))
+            client = connectNonBlocking(self.path)
+            self.addCleanup(client.close)
+            kept.accept()[0].close()
+
+        return port.stopListening().addCallback(stopped)
+
     def test_connectionLostDoesNoMore(self):
         """
         L{guardStop} replaces C{unix.Port.connectionLost} by what it does:
@@ -452,3 +472,16 @@ class RawAcceptTests(TestCase):
             accepted.sendall(b"x")
             self.assertEqual(client.recv(1), b"x")
         self.assertEqual(address, "")
+
+
+class InheritedTests(TestCase):
+    def test_theSystemdParsersDescriptors(self):
+        """
+        What systemd passed, by name, is what the C{systemd:} endpoint
+        parser read from the environment at import.
+        """
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs([3, 4], ("docker-router.socket", "relay.0.client")))
+        self.assertEqual(_compat.inheritedDescriptors(), {"docker-router.socket": 3, "relay.0.client": 4})
