@@ -38,8 +38,8 @@ SLOW_READER = ("python3 -c 'import sys, time\n"
 
 
 @pytest.fixture(scope="module")
-def m():
-    with installedMachine(daemons=["dr-alice", "dr-bob", "dr-dave"]) as machine:
+def m(release):
+    with installedMachine(release, daemons=["dr-alice", "dr-bob", "dr-dave"]) as machine:
         yield machine
 
 

@@ -19,8 +19,8 @@ RECORDS = "/var/lib/docker-router/provisioned"
 
 
 @pytest.fixture(scope="module")
-def m():
-    with installedMachine() as machine:
+def m(release):
+    with installedMachine(release) as machine:
         machine.run(
             f"groupadd {GROUP} && "
             f"useradd --create-home --groups {GROUP} {PAM} && "
