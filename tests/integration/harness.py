@@ -321,6 +321,7 @@ class Agent(Child):
 
     def begin(self, op, **args):
         """Start one operation (see L{call}); its reply comes from L{reply}."""
+        self._op = op
         self.process.stdin.write((json.dumps(dict(op=op, **args)) + "\n").encode())
         self.process.stdin.flush()
 
@@ -329,7 +330,7 @@ class Agent(Child):
         index, reply = self.waitEvent("reply", seconds, self._next)
         self._next = index + 1
         if "exception" in reply:
-            raise AssertionError("%s: %s failed: %s" % (self.name, reply.get("op", "an operation"), reply["detail"]))
+            raise AssertionError("%s: %s failed: %s" % (self.name, self._op, reply["detail"]))
         return reply
 
 

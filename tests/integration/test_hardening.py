@@ -327,9 +327,10 @@ class DescriptorTests(HardeningTestCase):
         answers = answered["answers"]
         self.assertEqual(sum(answers.values()), self.CLIENTS, answered)
         # Idle relays cost two descriptors, so the default cap admits more
-        # than the old six did; clients being turned away still hold theirs
-        # uncounted (issue 18, item 3), and an admitted one that finds none
-        # left to reach its daemon is told so (503, router-busy).
+        # than the old six did; a client over the total cap keeps its socket
+        # uncounted for the second its 429 drains (so that its CLI reads the
+        # answer), and an admitted one that then finds no descriptor left to
+        # reach its daemon is told so (503, router-busy).
         self.assertLessEqual(set(answers), {"echo", "HTTP/1.1 429 Too Many Requests", "HTTP/1.1 503 Service Unavailable"}, "%r\n%s" % (answered, "\n".join(l for l in router.log().splitlines() if ("cause=" in l and "too-many" not in l) or "out of file" in l or "refused" in l)))
         self.assertGreater(answers.get("HTTP/1.1 429 Too Many Requests", 0), 0, answered)
         limit = "limit of %d connections" % (connectionsFor(self.LIMIT),)
