@@ -241,10 +241,15 @@ class RealSocketTests(TestCase):
         # worth at most and stops reading the daemon.
         yield pollUntil(lambda: down.pending > 0 and down.source not in reactor.getReaders())
         self.assertLessEqual(down.pending, 1024 * 1024)
-        sent = backend.sent
+        # The router reads nothing more from the daemon (what the daemon's
+        # own socket still takes meanwhile is the kernel's buffer filling,
+        # which a slow machine such as QEMU's TCG shows late), and the
+        # daemon is held back: it has not sent everything.
+        count = down.count
         yield task.deferLater(reactor, 0.2)
-        self.assertEqual(backend.sent, sent)
-        self.assertLess(sent, Firehose.total)
+        self.assertEqual(down.count, count)
+        self.assertNotIn(down.source, reactor.getReaders())
+        self.assertLess(backend.sent, Firehose.total)
         client.transport.resumeProducing()
         yield client.readEnded
         self.assertEqual(len(client.received), Firehose.total)
